@@ -1,0 +1,86 @@
+"""Command line: python -m pipeline {render, inspect, verify} ... (a thin layer over plain functions)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pipeline.config import ConfigError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline",
+                                     description="Render and inspect burst/target shards.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("render", help="render (or resume) a dataset of shards",
+                       description="Render the dataset of a shard config into tar shards + kernels.zarr.")
+    p.add_argument("--config", required=True, help="shard config TOML, e.g. configs/shards/default.toml")
+    p.add_argument("--out", help="output folder (default: shards/<dataset.name>)")
+    p.add_argument("--workers", type=int, default=2, help="parallel shard writers (default 2)")
+    p.add_argument("--engine", choices=("ray", "local"), default="ray",
+                   help="ray (default) or local (a process pool; identical bytes)")
+    p.add_argument("--address", help="join an existing Ray cluster (e.g. auto or host:6379)")
+    p.add_argument("--overwrite", action="store_true", help="replace a dataset rendered with another config")
+    p.add_argument("--retries", type=int, default=2, help="retries of a failed shard (default 2)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set splits.train.samples=100 (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("inspect", help="summary of a dataset, or a contact sheet of one sample",
+                       description="Without --index/--key: print a summary. With them: write a contact sheet PNG.")
+    p.add_argument("dir", help="dataset folder (with manifest.json)")
+    p.add_argument("--split", help="split of --index (default: the first split)")
+    p.add_argument("--index", type=int, help="sample index within the split")
+    p.add_argument("--key", help="sample key, e.g. test-000000-000003")
+    p.add_argument("--out", help="contact sheet PNG (default: <dir>/<key>.png)")
+
+    p = sub.add_parser("verify", help="check every shard against the manifest",
+                       description="Check sha256, sizes, sample counts and members of every shard.")
+    p.add_argument("dir", help="dataset folder (with manifest.json)")
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        if args.command == "render":
+            from pathlib import Path
+
+            from pipeline.config import load_shard_config
+            from pipeline.run import render_dataset
+
+            cfg = load_shard_config(args.config, args.overrides)
+            out = Path(args.out) if args.out else Path("shards") / cfg.dataset.name
+            manifest = render_dataset(cfg, out, workers=args.workers, engine=args.engine,
+                                      address=args.address, overwrite=args.overwrite,
+                                      retries=args.retries, progress=not args.quiet)
+            n = sum(s["samples"] for s in manifest["splits"].values())
+            print(f"{out}: {n} samples in {sum(len(s['shards']) for s in manifest['splits'].values())} "
+                  f"shards, config {manifest['config_hash']}")
+            return 0
+        from pipeline import inspect as insp
+
+        if args.command == "inspect":
+            if args.index is None and args.key is None:
+                print(insp.summary(args.dir))
+                return 0
+            path = insp.contact_sheet(args.dir, split=args.split, index=args.index, key=args.key, out=args.out)
+            print(f"wrote {path}")
+            return 0
+        bad = insp.verify(args.dir)
+        if bad:
+            print(f"error: {bad}", file=sys.stderr)
+            return 1
+        print(f"{args.dir}: every shard matches the manifest")
+        return 0
+    except (ConfigError, ValueError, OSError, KeyError, IndexError, RuntimeError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished shards are kept; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,336 @@
+"""Configs: plain TOML loaded into dataclasses.
+
+The generic half (``load_config``, ``from_dict``, ``parse_override``, ``config_hash``) is shared by
+the pipeline and the trainer. Unknown keys, wrong types and out-of-range values raise
+``ConfigError`` with a one-line message naming the key, before any work starts.
+
+The shard half (``ShardConfig`` and its sections) describes one rendered dataset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config problem; its message is one line that names the key."""
+
+
+# ----------------------------------------------------------------------------- generic loader
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert one TOML value against a dataclass field type."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {type(value).__name__}")
+        return from_dict(tp, value, where)
+    if origin is dict:
+        key_tp, val_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {type(value).__name__}")
+        return {str(k): _convert(v, val_tp, f"{where}.{k}") for k, v in value.items()}
+    if origin in (list, tuple):
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+        return [_convert(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: expected {tp}, got {value!r}")
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported field type {_type_name(tp)}")  # programming error
+
+
+def from_dict(cls: type[T], data: dict, where: str = "") -> T:
+    """Build dataclass ``cls`` from a dict; unknown keys and missing required keys are errors."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        name = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise ConfigError(f"unknown key '{name}' (known: {', '.join(sorted(fields))})")
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{where}.{name}" if where else name
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], key)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"missing required key '{key}'")
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``section.key=value``; the value is read as a TOML value, else as a bare string."""
+    if "=" not in text:
+        raise ConfigError(f"--set '{text}': expected section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not re.fullmatch(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*", key):
+        raise ConfigError(f"--set '{text}': bad key '{key}'")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Return a copy of ``data`` with each ``a.b=value`` override set (creating tables)."""
+    data = json.loads(json.dumps(data))  # deep copy of plain data
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set '{text}': '{k}' is not a table")
+        node[keys[-1]] = value
+    return data
+
+
+def validate(obj: Any) -> None:
+    """Call ``validate()`` on every nested dataclass (children first)."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        children = value.values() if isinstance(value, dict) else [value]
+        for child in children:
+            if dataclasses.is_dataclass(child):
+                validate(child)
+    if hasattr(obj, "validate"):
+        obj.validate()
+
+
+def load_config(cls: type[T], path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> T:
+    """Load TOML ``path`` (or ``base``), apply ``--set`` overrides, build and validate ``cls``."""
+    data = dict(base or {})
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    cfg = from_dict(cls, apply_overrides(data, list(overrides)))
+    validate(cfg)
+    return cfg
+
+
+def config_hash(obj: Any) -> str:
+    """sha256 (hex, first 16 chars) of the canonical JSON of a config dataclass or dict."""
+    data = to_dict(obj) if dataclasses.is_dataclass(obj) else obj
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+# ----------------------------------------------------------------------------- shard config
+
+SPLIT_NAME = re.compile(r"[a-z0-9_]+")
+
+
+@dataclass
+class DatasetConfig:
+    name: str
+    seed: int
+    frames: int = 8  # frames stored per sample
+    size: int = 160  # square crop, px
+    kernel_size: int = 51  # K, odd
+
+    def validate(self) -> None:
+        check(re.fullmatch(r"[A-Za-z0-9_.-]+", self.name) is not None,
+              f"dataset.name '{self.name}' may use letters, digits, '_', '-', '.' only")
+        check(0 <= self.seed < 2**63, f"dataset.seed must be in [0, 2^63), got {self.seed}")
+        check(1 <= self.frames <= 64, f"dataset.frames must be in 1..64, got {self.frames}")
+        check(self.kernel_size % 2 == 1, f"dataset.kernel_size must be odd, got {self.kernel_size}")
+        check(self.kernel_size >= 5, f"dataset.kernel_size must be >= 5, got {self.kernel_size}")
+        check(16 <= self.size <= 4096, f"dataset.size must be in 16..4096, got {self.size}")
+
+
+@dataclass
+class SplitConfig:
+    samples: int
+    samples_per_shard: int
+    source: str  # "deadleaves" | "samples" | "dir:/path/to/photos"
+
+    def validate(self) -> None:
+        check(self.samples >= 1, f"samples must be >= 1, got {self.samples}")
+        check(self.samples_per_shard >= 1, f"samples_per_shard must be >= 1, got {self.samples_per_shard}")
+        check(self.source in ("deadleaves", "samples") or (self.source.startswith("dir:") and len(self.source) > 4),
+              f"source must be 'deadleaves', 'samples' or 'dir:/path', got '{self.source}'")
+
+
+@dataclass
+class SourceConfig:
+    """How sharp canvases are drawn from the sources."""
+
+    # photos: a box of canvas/scale px is cropped and resized to the canvas; scale < 1 zooms out,
+    # which averages away JPEG artefacts and sensor noise of the source photo.
+    photo_scale_min: float = 1.0
+    photo_scale_max: float = 1.0
+    photo_cache: int = 64  # decoded photos kept per worker process
+    # dead leaves: occluding disks with power-law radii (density ~ r^-alpha) between r_min and r_max
+    deadleaves_alpha: float = 3.0
+    deadleaves_rmin: float = 2.0
+    deadleaves_rmax_frac: float = 0.35  # r_max as a fraction of the canvas side
+    deadleaves_max_disks: int = 4000
+    deadleaves_texture_prob: float = 0.5  # share of disks with a sinusoidal texture
+    deadleaves_smooth: float = 0.7  # px, Gaussian blur of the composed image (anti-aliasing)
+
+    def validate(self) -> None:
+        check(0 < self.photo_scale_min <= self.photo_scale_max <= 1.0,
+              "sources.photo_scale_min/max must satisfy 0 < min <= max <= 1")
+        check(self.photo_cache >= 0, "sources.photo_cache must be >= 0")
+        check(self.deadleaves_alpha > 1, "sources.deadleaves_alpha must be > 1")
+        check(self.deadleaves_rmin > 0, "sources.deadleaves_rmin must be > 0")
+        check(0 < self.deadleaves_rmax_frac <= 1, "sources.deadleaves_rmax_frac must be in (0, 1]")
+        check(self.deadleaves_max_disks >= 1, "sources.deadleaves_max_disks must be >= 1")
+        check(0 <= self.deadleaves_texture_prob <= 1, "sources.deadleaves_texture_prob must be in [0, 1]")
+        check(self.deadleaves_smooth >= 0, "sources.deadleaves_smooth must be >= 0")
+
+
+@dataclass
+class KernelConfig:
+    """Camera shake: damped random walk -> trajectory -> K×K PSF (see pipeline/kernels.py)."""
+
+    steps: int = 128
+    damping: float = 0.9  # velocity AR(1) coefficient per step
+    # burst-level RMS radius of the trajectory in px, log-uniform in [min, max]
+    scale_min: float = 0.3
+    scale_max: float = 6.0
+    # per frame: with prob `mixed_prob` the burst mixes sharp and very blurred frames (per-frame
+    # factor log-uniform in [mixed_min, mixed_max]); otherwise factors are log-uniform in
+    # [uniform_min, uniform_max] (nearly uniform blur across the burst)
+    mixed_prob: float = 0.5
+    mixed_min: float = 0.1
+    mixed_max: float = 2.0
+    uniform_min: float = 0.7
+    uniform_max: float = 1.3
+    defocus_max: float = 0.7  # px, std of the point jitter (defocus), uniform in [0, max] per frame
+    jitter_points: int = 4  # jittered copies of each trajectory point
+
+    def validate(self) -> None:
+        check(self.steps >= 2, f"kernels.steps must be >= 2, got {self.steps}")
+        check(0 <= self.damping < 1, f"kernels.damping must be in [0, 1), got {self.damping}")
+        check(0 < self.scale_min <= self.scale_max, "kernels.scale_min/max must satisfy 0 < min <= max")
+        check(0 <= self.mixed_prob <= 1, "kernels.mixed_prob must be in [0, 1]")
+        check(0 < self.mixed_min <= self.mixed_max, "kernels.mixed_min/max must satisfy 0 < min <= max")
+        check(0 < self.uniform_min <= self.uniform_max, "kernels.uniform_min/max must satisfy 0 < min <= max")
+        check(self.defocus_max >= 0, "kernels.defocus_max must be >= 0")
+        check(self.jitter_points >= 1, "kernels.jitter_points must be >= 1")
+
+
+@dataclass
+class ImagingConfig:
+    """The degradation model (see pipeline/imaging.py). Noise levels are std devs in linear [0,1]."""
+
+    gamma_min: float = 1.5
+    gamma_max: float = 2.5
+    highlight_prob: float = 0.3  # share of bursts with boosted highlights
+    highlight_threshold: float = 0.8  # linear luminance above which pixels are boosted
+    highlight_gain_max: float = 8.0  # boost factor of the excess, uniform in [1, max]
+    misalign_px: float = 0.0  # residual per-frame translation std, px (off in the paper)
+    shot_min: float = 0.002  # shot noise: var = shot^2 * x, log-uniform per burst
+    shot_max: float = 0.05
+    read_min: float = 0.001  # read noise: std, log-uniform per burst
+    read_max: float = 0.03
+    correlated_prob: float = 0.25  # share of bursts whose noise is spatially correlated
+    correlated_sigma: float = 0.6  # px, Gaussian correlation length of that noise
+
+    def validate(self) -> None:
+        check(0 < self.gamma_min <= self.gamma_max, "imaging.gamma_min/max must satisfy 0 < min <= max")
+        check(0 <= self.highlight_prob <= 1, "imaging.highlight_prob must be in [0, 1]")
+        check(0 < self.highlight_threshold < 1, "imaging.highlight_threshold must be in (0, 1)")
+        check(self.highlight_gain_max >= 1, "imaging.highlight_gain_max must be >= 1")
+        check(self.misalign_px >= 0, "imaging.misalign_px must be >= 0")
+        check(0 <= self.shot_min <= self.shot_max, "imaging.shot_min/max must satisfy 0 <= min <= max")
+        check(0 <= self.read_min <= self.read_max, "imaging.read_min/max must satisfy 0 <= min <= max")
+        check(0 <= self.correlated_prob <= 1, "imaging.correlated_prob must be in [0, 1]")
+        check(self.correlated_sigma > 0, "imaging.correlated_sigma must be > 0")
+
+
+@dataclass
+class ShardConfig:
+    dataset: DatasetConfig
+    splits: dict[str, SplitConfig]
+    sources: SourceConfig = field(default_factory=SourceConfig)
+    kernels: KernelConfig = field(default_factory=KernelConfig)
+    imaging: ImagingConfig = field(default_factory=ImagingConfig)
+
+    @property
+    def margin(self) -> int:
+        """Pixels of canvas on each side of the crop: blur never reads past the canvas."""
+        return self.dataset.kernel_size // 2
+
+    @property
+    def canvas(self) -> int:
+        """Side of the sharp canvas that is blurred; the crop is its centre."""
+        return self.dataset.size + 2 * self.margin
+
+    def validate(self) -> None:
+        check(len(self.splits) >= 1, "at least one [splits.<name>] table is required")
+        for name in self.splits:
+            check(SPLIT_NAME.fullmatch(name) is not None,
+                  f"split name '{name}' may use lowercase letters, digits and '_' only")
+        check(self.dataset.size >= self.dataset.kernel_size // 2,
+              f"dataset.size ({self.dataset.size}) is smaller than needed for kernel_size "
+              f"{self.dataset.kernel_size}: size must be >= {self.dataset.kernel_size // 2}")
+        hi = self.kernels.scale_max * max(self.kernels.mixed_max, self.kernels.uniform_max)
+        check(hi < self.dataset.kernel_size / 2,
+              f"kernels.scale_max × frame factor ({hi:g} px RMS) does not fit a "
+              f"{self.dataset.kernel_size}×{self.dataset.kernel_size} kernel")
+
+
+def load_shard_config(path: str | Path | None, overrides: list[str] = ()) -> ShardConfig:
+    return load_config(ShardConfig, path, overrides)

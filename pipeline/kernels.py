@@ -1,0 +1,122 @@
+"""Camera shake: damped random-walk trajectories -> K×K blur kernels (PSFs).
+
+The model follows Aittala & Durand (ECCV 2018): the camera's image-plane position is a 2-D random
+walk whose velocity integrates N(0, 1) accelerations with damping. The path is centred at the
+origin, standardized to unit RMS radius and scaled by a burst-level and a per-frame factor (some
+bursts are uniformly blurred, others mix nearly sharp and very blurred frames). A little Gaussian
+jitter of every point stands in for defocus. The points are splatted bilinearly into a K×K bitmap
+that sums to 1. Bilinear splatting preserves the first moment, so after centring the point cloud the
+kernel's centroid is exactly the centre pixel (unless a residual misalignment shifts it on purpose).
+
+Two halves, as everywhere in the pipeline: ``sample_kernel_params(rng, cfg, frames, K)`` draws the
+random numbers; ``build_kernels(params, cfg, K)`` is a pure function of them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.signal import lfilter
+
+from pipeline.config import KernelConfig
+
+
+def loguniform(rng: np.random.Generator, lo: float, hi: float, size=None) -> np.ndarray | float:
+    """Log-uniform in [lo, hi]; uniform when lo == 0 (log-uniform is undefined there)."""
+    if lo <= 0:
+        return rng.uniform(lo, hi, size)
+    return np.exp(rng.uniform(np.log(lo), np.log(hi), size))
+
+
+def sample_kernel_params(rng: np.random.Generator, cfg: KernelConfig, frames: int,
+                         misalign_px: float = 0.0) -> dict:
+    """Draw every random number the kernels of one burst need.
+
+    Returns plain floats/lists for the sample's json and float64 arrays (keys starting with "_")
+    for ``build_kernels``: accelerations (F, steps, 2), initial velocities (F, 2), jitter
+    (F, steps, J, 2), all standard normal.
+    """
+    scale = float(loguniform(rng, cfg.scale_min, cfg.scale_max))
+    mixed = bool(rng.random() < cfg.mixed_prob)
+    lo, hi = (cfg.mixed_min, cfg.mixed_max) if mixed else (cfg.uniform_min, cfg.uniform_max)
+    factors = np.atleast_1d(loguniform(rng, lo, hi, frames))
+    defocus = rng.uniform(0.0, cfg.defocus_max, frames) if cfg.defocus_max > 0 else np.zeros(frames)
+    shift = rng.normal(0.0, misalign_px, (frames, 2)) if misalign_px > 0 else np.zeros((frames, 2))
+    return {
+        "blur_scale": scale,
+        "mixed": mixed,
+        "frame_factors": factors.tolist(),
+        "defocus": defocus.tolist(),
+        "shift": shift.tolist(),  # residual misalignment (dx, dy) per frame, px
+        "_accel": rng.standard_normal((frames, cfg.steps, 2)),
+        "_v0": rng.standard_normal((frames, 2)),
+        "_jitter": rng.standard_normal((frames, cfg.steps, cfg.jitter_points, 2)),
+    }
+
+
+def trajectories(accel: np.ndarray, v0: np.ndarray, damping: float) -> np.ndarray:
+    """Damped random walk, centred, unit RMS radius.
+
+    accel: float (F, T, 2) standard normal; v0: float (F, 2) standard normal, scaled here to the
+    stationary distribution of v_t = d·v_{t-1} + a_t (variance 1 / (1 - d²)) so the walk has no
+    start-up transient. Returns float64 (F, T, 2) positions (x, y) in units of the RMS radius.
+    """
+    v_init = v0 / np.sqrt(1.0 - damping**2)
+    vel, _ = lfilter([1.0], [1.0, -damping], accel, axis=1, zi=(damping * v_init)[:, None, :])
+    pos = np.cumsum(vel, axis=1)
+    pos -= pos.mean(axis=1, keepdims=True)
+    rms = np.sqrt((pos**2).sum(axis=2).mean(axis=1))
+    return pos / np.maximum(rms, 1e-12)[:, None, None]
+
+
+def splat(points: np.ndarray, K: int) -> np.ndarray:
+    """Bilinear splat of points (F, P, 2) (x, y offsets from the kernel centre, px, all within
+    (-(K//2), K//2)) into float64 (F, K, K) bitmaps normalized to sum 1. Row = y, column = x."""
+    F, P, _ = points.shape
+    c = K // 2
+    p = points + c
+    i0 = np.floor(p).astype(np.int64)
+    f = p - i0
+    x0, y0 = i0[..., 0], i0[..., 1]
+    fx, fy = f[..., 0], f[..., 1]
+    base = np.arange(F)[:, None] * K * K
+    idx = np.concatenate([base + y0 * K + x0, base + y0 * K + x0 + 1,
+                          base + (y0 + 1) * K + x0, base + (y0 + 1) * K + x0 + 1], axis=1)
+    w = np.concatenate([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], axis=1)
+    out = np.bincount(idx.ravel(), weights=w.ravel(), minlength=F * K * K).reshape(F, K, K)
+    return out / out.sum(axis=(1, 2), keepdims=True)
+
+
+def build_kernels(params: dict, cfg: KernelConfig, K: int) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    """Pure function of ``sample_kernel_params``' output.
+
+    Returns (kernels float32 (F, K, K) summing to 1, trajectories float32 (F, T, 2) in px,
+    fit factors: per frame the factor (<= 1) by which the path was shrunk to fit in K×K).
+    """
+    traj = trajectories(params["_accel"], params["_v0"], cfg.damping)
+    radius = params["blur_scale"] * np.asarray(params["frame_factors"])  # RMS radius, px
+    traj = traj * radius[:, None, None]
+    defocus = np.asarray(params["defocus"])[:, None, None, None]
+    points = traj[:, :, None, :] + defocus * params["_jitter"]
+    points = points.reshape(points.shape[0], -1, 2)
+    points -= points.mean(axis=1, keepdims=True)  # centroid exactly at the centre
+    # shrink paths that would leave the bitmap (bilinear needs one pixel of room), keeping the shape
+    limit = K // 2 - 1 - np.abs(np.asarray(params["shift"])).max(axis=1)
+    extent = np.abs(points).max(axis=(1, 2))
+    fit = np.minimum(1.0, np.maximum(limit, 0.0) / np.maximum(extent, 1e-12))
+    points *= fit[:, None, None]
+    traj *= fit[:, None, None]
+    points += np.asarray(params["shift"])[:, None, :]
+    kernels = splat(points, K)
+    return kernels.astype(np.float32), traj.astype(np.float32), fit.tolist()
+
+
+def kernel_radius(kernels: np.ndarray) -> np.ndarray:
+    """RMS radius (px) of each kernel around its centroid: float (F,) for kernels (F, K, K)."""
+    K = kernels.shape[-1]
+    y, x = np.mgrid[:K, :K].astype(np.float64)
+    k = kernels.astype(np.float64)
+    s = k.sum(axis=(-2, -1))
+    cx = (k * x).sum(axis=(-2, -1)) / s
+    cy = (k * y).sum(axis=(-2, -1)) / s
+    d2 = (x - cx[..., None, None]) ** 2 + (y - cy[..., None, None]) ** 2
+    return np.sqrt((k * d2).sum(axis=(-2, -1)) / s)

@@ -1,0 +1,301 @@
+"""Plan the shards of a dataset, map ``write_shard`` over Ray or a process pool, write the manifest.
+
+    plan (driver) -> ShardJob per shard -> engine.map(write_shard) -> stats/*.json -> manifest.json
+
+The driver scans the sources once (so every worker sees the same file list), creates the zarr
+arrays, skips shards whose stats say they are done with this config, and retries failed shards.
+Resuming into the same folder is the same command; a folder rendered with another config or other
+pipeline code is an error unless ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import json
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Iterable
+
+import zarr
+from tqdm import tqdm
+
+import pipeline
+from pipeline import sources
+from pipeline.config import ShardConfig, config_hash, to_dict
+from pipeline.shards import KERNELS, STATS_DIR, ShardJob, atomic_write_bytes, stats_path, write_shard
+
+PLAN = ".plan.json"
+MANIFEST = "manifest.json"
+log = logging.getLogger("pipeline")
+
+
+class RenderError(RuntimeError):
+    """A run that cannot start or cannot finish; the message is one line."""
+
+
+def code_version() -> str:
+    """Package version + hash of the pipeline's source: the bytes depend on both."""
+    h = hashlib.sha256()
+    for path in sorted(Path(pipeline.__file__).parent.glob("*.py")):
+        if path.name not in ("__main__.py", "inspect.py"):  # they never touch a sample's bytes
+            h.update(path.name.encode() + path.read_bytes())
+    return f"{pipeline.__version__}+{h.hexdigest()[:12]}"
+
+
+def plan_jobs(cfg: ShardConfig, out_dir: Path, chash: str, version: str,
+              split_sources: dict[str, sources.SourceList]) -> list[ShardJob]:
+    jobs = []
+    for split, sc in cfg.splits.items():
+        for shard, start in enumerate(range(0, sc.samples, sc.samples_per_shard)):
+            stop = min(start + sc.samples_per_shard, sc.samples)
+            jobs.append(ShardJob(cfg, chash, version, str(out_dir), split, shard, start, stop,
+                                 split_sources[split]))
+    return jobs
+
+
+def is_done(job: ShardJob) -> bool:
+    """A shard is done when its stats file matches this config and code and its tar has the size."""
+    path = stats_path(job.out_dir, job.split, job.shard)
+    try:
+        stats = json.loads(path.read_text())
+        tar = Path(job.out_dir) / job.file
+        return (stats["config_hash"] == job.config_hash and stats["code_version"] == job.code_version
+                and stats["samples"] == job.stop - job.start and tar.stat().st_size == stats["bytes"])
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def _remove_outputs(out_dir: Path) -> None:
+    """Delete what a previous render wrote (and only that)."""
+    for pattern in ("*.tar", ".*.tmp-*", MANIFEST, PLAN):
+        for p in out_dir.glob(pattern):
+            p.unlink()
+    for name in (STATS_DIR, KERNELS):
+        if (out_dir / name).exists():
+            shutil.rmtree(out_dir / name)
+
+
+def prepare_dir(cfg: ShardConfig, out_dir: Path, chash: str, version: str, overwrite: bool) -> None:
+    """Check an existing folder (resume or refuse), then write the plan and the zarr arrays."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RenderError(f"output path exists and is not a folder: {out_dir}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    previous = None
+    for name in (PLAN, MANIFEST):
+        if (out_dir / name).exists():
+            try:
+                previous = json.loads((out_dir / name).read_text())
+            except ValueError:
+                previous = {"config_hash": "unreadable", "code_version": "?"}
+            break
+    if previous is None and any(out_dir.glob("*.tar")):
+        previous = {"config_hash": "unknown (no plan file)", "code_version": "?"}
+    if previous is not None and not overwrite:
+        if previous.get("config_hash") != chash:
+            raise RenderError(f"{out_dir} holds a dataset rendered with another config "
+                              f"(hash {previous.get('config_hash')} vs {chash}); "
+                              "use --overwrite to replace it or choose another --out")
+        if previous.get("code_version") != version:
+            raise RenderError(f"{out_dir} was rendered by other pipeline code "
+                              f"({previous.get('code_version')} vs {version}); its bytes would differ: "
+                              "use --overwrite to re-render it")
+    if overwrite and previous is not None:
+        _remove_outputs(out_dir)
+    for stale in out_dir.glob(".*.tmp-*"):  # a killed run's partial files
+        stale.unlink()
+    (out_dir / STATS_DIR).mkdir(exist_ok=True)
+    plan = {"config": to_dict(cfg), "config_hash": chash, "code_version": version}
+    atomic_write_bytes(out_dir / PLAN, json.dumps(plan, indent=1, sort_keys=True).encode())
+    create_kernel_arrays(cfg, out_dir / KERNELS, chash)
+
+
+def create_kernel_arrays(cfg: ShardConfig, path: Path, chash: str) -> None:
+    """One float32 array per split, (samples, frames, K, K), one chunk per shard; trajectories
+    (samples, frames, steps, 2) alongside. Created once by the driver; workers write whole chunks."""
+    root = zarr.open_group(str(path), mode="a")
+    K, F, T = cfg.dataset.kernel_size, cfg.dataset.frames, cfg.kernels.steps
+    root.attrs.update({"config_hash": chash, "seed": cfg.dataset.seed, "kernel_size": K,
+                       "kernels": to_dict(cfg.kernels), "layout": "kernels[split][index, frame, y, x]"})
+    for split, sc in cfg.splits.items():
+        for name, shape in ((split, (sc.samples, F, K, K)), (f"{split}_trajectories", (sc.samples, F, T, 2))):
+            chunks = (sc.samples_per_shard,) + shape[1:]
+            if name in root and root[name].shape == shape and root[name].chunks == chunks:
+                continue
+            root.create_array(name, shape=shape, chunks=chunks, dtype="float32",
+                              compressors=zarr.codecs.ZstdCodec(level=3), fill_value=0.0, overwrite=True)
+
+
+# ----------------------------------------------------------------------------- engines
+
+
+def _local_map(jobs: list[ShardJob], workers: int, retries: int) -> Iterable[tuple[ShardJob, dict]]:
+    """Process pool; a failed shard is retried, a dead worker's pool is rebuilt."""
+    pending = {job: 0 for job in jobs}  # job -> failures so far
+    ctx = mp.get_context("spawn")
+    while pending:
+        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            futures = {pool.submit(write_shard, job): job for job in pending}
+            try:
+                for fut in cf.as_completed(futures):
+                    job = futures[fut]
+                    try:
+                        stats = fut.result()
+                    except cf.process.BrokenProcessPool:
+                        _count_failure(pending, job, "worker process died", retries)
+                        break  # rebuild the pool, resubmit what is left
+                    except Exception as e:  # noqa: BLE001 - retried, then reported
+                        _count_failure(pending, job, f"{type(e).__name__}: {e}", retries)
+                        continue
+                    del pending[job]
+                    yield job, stats
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
+
+
+def _count_failure(pending: dict, job: ShardJob, why: str, retries: int) -> None:
+    pending[job] += 1
+    log.warning("shard %s failed (try %d of %d): %s", job.file, pending[job], retries + 1, why)
+    if pending[job] > retries:
+        raise RenderError(f"shard {job.file} failed {pending[job]} times: {why}")
+
+
+def _ray_map(jobs: list[ShardJob], workers: int, retries: int, address: str | None
+             ) -> Iterable[tuple[ShardJob, dict]]:
+    """One Ray task per shard; Ray retries failed tasks and tasks of dead workers."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    warnings.filterwarnings("ignore", module="ray")
+    import ray  # imported here: the local engine and the tests of it need no Ray
+
+    started = False
+    if not ray.is_initialized():
+        kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
+                      configure_logging=True)
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            ray.init(num_cpus=workers, **kwargs)
+        started = True
+    try:
+        task = ray.remote(num_cpus=1, max_retries=retries, retry_exceptions=True)(write_shard)
+        refs = {task.remote(job): job for job in jobs}
+        waiting = list(refs)
+        while waiting:
+            done, waiting = ray.wait(waiting, num_returns=1)
+            for ref in done:
+                try:
+                    stats = ray.get(ref)
+                except Exception as e:  # noqa: BLE001 - after Ray's own retries
+                    for r in waiting:
+                        ray.cancel(r, force=True)
+                    cause = getattr(e, "cause", None) or e
+                    raise RenderError(f"shard {refs[ref].file} failed after {retries + 1} tries: "
+                                      f"{type(cause).__name__}: {str(cause).splitlines()[0]}") from None
+                yield refs[ref], stats
+    finally:
+        if started:
+            ray.shutdown()
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def render_dataset(cfg: ShardConfig, out_dir: str | Path, workers: int = 1, engine: str = "local",
+                   address: str | None = None, overwrite: bool = False, retries: int = 2,
+                   progress: bool = True) -> dict:
+    """Render (or resume) the dataset of ``cfg`` into ``out_dir``; return the manifest."""
+    if engine not in ("ray", "local"):
+        raise RenderError(f"unknown engine '{engine}' (use 'ray' or 'local')")
+    if workers < 1:
+        raise RenderError(f"--workers must be >= 1, got {workers}")
+    out_dir = Path(out_dir)
+    chash, version = config_hash(cfg), code_version()
+    split_sources = {}
+    for split, sc in cfg.splits.items():
+        try:
+            split_sources[split] = sources.list_source(sc.source, cfg.canvas)
+        except sources.SourceError as e:
+            raise RenderError(f"split '{split}': {e}") from None
+        for reason, paths in split_sources[split].skipped.items():
+            log.warning("split '%s': skipped %d input(s), %s: %s%s", split, len(paths), reason,
+                        ", ".join(paths[:3]), " ..." if len(paths) > 3 else "")
+    prepare_dir(cfg, out_dir, chash, version, overwrite)
+    jobs = plan_jobs(cfg, out_dir, chash, version, split_sources)
+    todo = [job for job in jobs if not is_done(job)]
+    total = sum(job.stop - job.start for job in todo)
+    if len(todo) < len(jobs):
+        log.info("resuming: %d of %d shards already done", len(jobs) - len(todo), len(jobs))
+    t0 = time.perf_counter()
+    bar = tqdm(total=total, unit="burst", disable=not progress, dynamic_ncols=True,
+               desc=f"render {cfg.dataset.name}", file=sys.stderr)
+    mapper: Callable = _ray_map if engine == "ray" else _local_map
+    args = (todo, workers, retries, address) if engine == "ray" else (todo, workers, retries)
+    with bar:
+        for done_shards, (job, stats) in enumerate(mapper(*args) if todo else (), start=1):
+            bar.update(stats["samples"])
+            bar.set_postfix(shards=f"{done_shards}/{len(todo)}")
+    seconds = time.perf_counter() - t0
+    manifest = build_manifest(cfg, out_dir, chash, version, jobs, split_sources)
+    manifest_text = json.dumps(manifest, indent=1, sort_keys=True).encode()
+    atomic_write_bytes(out_dir / MANIFEST, manifest_text)
+    (out_dir / PLAN).unlink(missing_ok=True)
+    if total:
+        log.info("rendered %d bursts in %.1f s (%.1f bursts/s with %d workers)", total, seconds,
+                 total / seconds, workers)
+    return manifest
+
+
+def build_manifest(cfg: ShardConfig, out_dir: Path, chash: str, version: str, jobs: list[ShardJob],
+                   split_sources: dict[str, sources.SourceList]) -> dict:
+    """Collect every shard's stats (all must be done) into the manifest."""
+    splits = {}
+    for split, sc in cfg.splits.items():
+        shards, failures = [], {}
+        for job in (j for j in jobs if j.split == split):
+            if not is_done(job):
+                raise RenderError(f"shard {job.file} is not complete; run the same command again to resume")
+            stats = json.loads(stats_path(out_dir, split, job.shard).read_text())
+            shards.append({k: stats[k] for k in ("file", "samples", "bytes", "sha256")})
+            for path, reason in stats["decode_failures"]:
+                failures.setdefault(reason, set()).add(path)
+        src = split_sources[split]
+        skipped = {reason: sorted(paths) for reason, paths in src.skipped.items()}
+        for reason, paths in failures.items():
+            skipped[reason] = sorted(set(skipped.get(reason, [])) | paths)
+        splits[split] = {
+            "samples": sc.samples,
+            "source": sc.source,
+            "source_files": len(src.paths),
+            "skipped": {reason: {"count": len(p), "inputs": p} for reason, p in sorted(skipped.items())},
+            "shards": shards,
+        }
+    return {
+        "format": "burst-shards/1",
+        "name": cfg.dataset.name,
+        "config": to_dict(cfg),
+        "config_hash": chash,
+        "seed": cfg.dataset.seed,
+        "code_version": version,
+        "frames": cfg.dataset.frames,
+        "size": cfg.dataset.size,
+        "kernel_size": cfg.dataset.kernel_size,
+        "kernels": KERNELS,
+        "members": {"burst.npy": "uint8 (frames, size, size, 3) sRGB",
+                    "target.png": "uint8 (size, size, 3) sRGB", "json": "sampled parameters"},
+        "splits": splits,
+    }
+
+
+def shard_paths(manifest: dict, split: str) -> list[str]:
+    return [s["file"] for s in manifest["splits"][split]["shards"]]
+

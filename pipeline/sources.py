@@ -1,0 +1,505 @@
+"""Where sharp images come from: a folder of photos, bundled photographs, or dead leaves.
+
+A split's ``source`` string names one of three kinds of sharp image:
+
+- ``"dir:/path"``: every decodable photo under a folder (recursive). ``list_source`` scans it once
+  with header reads only (format, size, mode; no pixel decode) and counts what it skips and why.
+- ``"samples"``: real colour photographs bundled inside installed packages (scikit-image's data
+  folder and matplotlib's sample data), so a pipeline runs with no download at all.
+- ``"deadleaves"``: procedural images of occluding disks with power-law radii (the dead-leaves
+  model of Lee, Mumford & Huang; used as training data for restoration nets by Achddou et al.
+  and Baradad et al.). They have edges at every scale and cost ~2 ms each, no files needed.
+
+``draw_canvas(rng, source, canvas, cfg)`` turns one of these into a sharp square canvas, uint8
+(canvas, canvas, 3) sRGB, plus a plain dict of everything it drew (the sample's provenance).
+All randomness comes from the numpy Generator passed in: the same generator state and the same
+files give the same bytes, in any process, in any order of calls.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import importlib.util
+import math
+import os
+import stat
+import struct
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+from scipy import ndimage
+
+# Reasons a file is skipped at scan time (keys of SourceList.skipped), in report order.
+SKIP_REASONS = ("not an image", "unreadable", "too small", "decompression bomb", "unsupported mode")
+
+# The photographs of the "samples" source: (package, path inside the package).
+SAMPLE_FILES = (
+    ("skimage", "data/astronaut.png"),
+    ("skimage", "data/chelsea.png"),
+    ("skimage", "data/coffee.png"),
+    ("skimage", "data/rocket.jpg"),
+    ("skimage", "data/motorcycle_left.png"),
+    ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"),
+)
+
+# Pillow modes load_photo converts to 8-bit RGB (anything else is skipped as "unsupported mode").
+_GRAY16 = ("I;16", "I;16L", "I;16B", "I;16N")
+_SUPPORTED_MODES = frozenset(("1", "L", "P", "PA", "LA", "La", "RGB", "RGBA", "RGBa", "RGBX",
+                              "CMYK", "YCbCr", "LAB", "HSV", "I", "F") + _GRAY16)
+
+MAX_DRAW_TRIES = 20  # photos tried per canvas before giving up (each one a different file)
+_SCAN_THREADS = 8  # header reads are mostly waiting on the disk; threads keep it busy
+
+
+class SourceError(ValueError):
+    """A source that cannot be used; the message is one line naming the problem."""
+
+
+class PhotoDecodeError(ValueError):
+    """A listed photo whose full decode failed (truncated, corrupt, ...)."""
+
+    def __init__(self, path: str, reason: str, detail: str):
+        self.path, self.reason, self.detail = path, reason, detail
+        super().__init__(f"{path}: {reason} ({detail})")
+
+
+@dataclass(frozen=True)
+class SourceList:
+    """A scanned source: what ``draw_canvas`` draws from, and what the scan skipped.
+
+    kind: "deadleaves" or "photos". paths: usable photo files, absolute, sorted (empty for
+    dead leaves). skipped: reason (one of SKIP_REASONS) -> sorted paths skipped at scan time.
+    """
+
+    spec: str
+    kind: str
+    root: str
+    paths: tuple[str, ...]
+    skipped: dict[str, list[str]] = field(default_factory=dict)
+
+    def name(self, path: str) -> str:
+        """How a photo is named in sample metadata: relative to the folder, or its file name."""
+        return os.path.relpath(path, self.root) if self.root else os.path.basename(path)
+
+
+# ----------------------------------------------------------------------------- listing
+
+
+def list_source(spec: str, min_side: int) -> SourceList:
+    """Scan the source named by ``spec`` ("deadleaves" | "samples" | "dir:/path").
+
+    Photos whose shorter side is below ``min_side`` px are skipped as "too small". Raises
+    SourceError when the folder is missing, is a file, is empty, or holds no usable photo.
+    """
+    if spec == "deadleaves":
+        return SourceList(spec=spec, kind="deadleaves", root="", paths=())
+    if spec == "samples":
+        files, missing = _sample_files()
+        paths, skipped = _probe_all(files, min_side)
+        if missing:
+            skipped.setdefault("unreadable", []).extend(missing)
+            skipped["unreadable"].sort()
+        if not paths:
+            raise SourceError(f"no usable bundled sample photo ({_skip_summary(skipped, min_side)}); "
+                              f"are scikit-image and matplotlib installed?")
+        return SourceList(spec=spec, kind="photos", root="", paths=tuple(paths), skipped=skipped)
+    if spec.startswith("dir:") and len(spec) > 4:
+        root = os.path.abspath(os.path.expanduser(spec[4:]))
+        if not os.path.exists(root):
+            raise SourceError(f"source folder not found: {root}")
+        if not os.path.isdir(root):
+            raise SourceError(f"source path is a file, not a folder: {root}")
+        files, dangling = _walk_files(root)
+        if not files and not dangling:
+            raise SourceError(f"source folder is empty (no files, recursively): {root}")
+        paths, skipped = _probe_all(files, min_side)
+        if dangling:
+            skipped["unreadable"] = sorted(skipped.get("unreadable", []) + dangling)
+        if not paths:
+            raise SourceError(f"no usable image in {root} ({_skip_summary(skipped, min_side)})")
+        return SourceList(spec=spec, kind="photos", root=root, paths=tuple(paths),
+                          skipped=_ordered(skipped))
+    raise SourceError(f"unknown source '{spec}' (expected 'deadleaves', 'samples' or 'dir:/path')")
+
+
+def _sample_files() -> tuple[list[str], list[str]]:
+    """Absolute paths of the bundled sample photos that exist, and those that do not."""
+    found, missing = [], []
+    for package, rel in SAMPLE_FILES:
+        # find_spec locates a top-level package without importing it
+        spec = importlib.util.find_spec(package)
+        base = spec.submodule_search_locations[0] if spec and spec.submodule_search_locations else None
+        path = os.path.join(base, rel) if base else f"<{package} not installed>/{rel}"
+        (found if base and os.path.isfile(path) else missing).append(os.path.abspath(path) if base else path)
+    return sorted(found), sorted(missing)
+
+
+def _walk_files(root: str) -> tuple[list[str], list[str]]:
+    """Every regular file under ``root`` (following directory symlinks, each directory once).
+
+    Returns (files, dangling symlinks), both sorted. Sockets, FIFOs and devices are ignored:
+    opening a FIFO would block the scan.
+    """
+    files, dangling = [], []
+    seen = set()
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            st = os.stat(folder)
+            if (st.st_dev, st.st_ino) in seen:  # a symlink loop or a second link to it
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            entries = list(os.scandir(folder))
+        except OSError:
+            dangling.append(folder)  # an unreadable folder counts as unreadable
+            continue
+        for entry in entries:
+            try:
+                mode = entry.stat(follow_symlinks=True).st_mode
+            except OSError:
+                dangling.append(entry.path)
+                continue
+            if stat.S_ISDIR(mode):
+                stack.append(entry.path)
+            elif stat.S_ISREG(mode):
+                files.append(entry.path)
+    files.sort()
+    dangling.sort()
+    return files, dangling
+
+
+def probe(path: str, min_side: int) -> str | None:
+    """Header check of one file: None if usable, else its skip reason (one of SKIP_REASONS).
+
+    Reads the header only (Image.open is lazy); EXIF rotation swaps the sides, so the shorter
+    side is the same before and after it.
+    """
+    try:
+        with Image.open(path) as im:
+            size, mode = im.size, im.mode
+    except Image.DecompressionBombError:
+        return "decompression bomb"
+    except UnidentifiedImageError:  # a subclass of OSError: test it first
+        return "not an image"
+    except OSError:
+        return "unreadable"
+    except (SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error, zlib.error):
+        return "not an image"  # a header that a Pillow plugin half-recognized, then choked on
+    if mode not in _SUPPORTED_MODES:
+        return "unsupported mode"
+    if min(size) < min_side:
+        return "too small"
+    return None
+
+
+def _probe_all(files: list[str], min_side: int) -> tuple[list[str], dict[str, list[str]]]:
+    """Probe ``files`` (in order, threaded for big folders): (usable paths, skipped by reason)."""
+    if len(files) > 64:
+        with ThreadPoolExecutor(_SCAN_THREADS) as pool:
+            reasons = list(pool.map(probe, files, [min_side] * len(files), chunksize=64))
+    else:
+        reasons = [probe(f, min_side) for f in files]
+    paths, skipped = [], {}
+    for path, reason in zip(files, reasons):
+        if reason is None:
+            paths.append(path)
+        else:
+            skipped.setdefault(reason, []).append(path)
+    return paths, skipped
+
+
+def _ordered(skipped: dict[str, list[str]]) -> dict[str, list[str]]:
+    return {r: skipped[r] for r in SKIP_REASONS if r in skipped}
+
+
+def _skip_summary(skipped: dict[str, list[str]], min_side: int) -> str:
+    n = sum(len(v) for v in skipped.values())
+    parts = []
+    for reason, files in _ordered(skipped).items():
+        parts.append(f"{len(files)} {reason}" + (f" (< {min_side} px)" if reason == "too small" else ""))
+    return f"{n} skipped: {', '.join(parts)}" if parts else "0 files"
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def load_photo(path: str) -> np.ndarray:
+    """Fully decode one photo -> uint8 (H, W, 3) sRGB, EXIF orientation applied.
+
+    Colour values are taken as sRGB (ICC profiles are not applied). Grayscale is replicated to
+    three channels; alpha is dropped (not composited); 16-bit is scaled to 8-bit by >> 8 (the
+    full range, never clipped at 255); float images are clipped to [0, 1] and scaled by 255.
+    Multi-frame files give their first frame. Raises PhotoDecodeError for a truncated or
+    corrupt file, OSError when the file cannot be opened at all. Pillow's decompression-bomb
+    limit stays at its default.
+    """
+    with open(path, "rb") as f:  # a missing/unreadable file raises OSError here, not below
+        try:
+            with Image.open(f) as im:
+                im.load()
+                im = ImageOps.exif_transpose(im)
+        except Image.DecompressionBombError as e:
+            raise PhotoDecodeError(path, "decompression bomb", _one_line(e)) from None
+        except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error,
+                zlib.error) as e:
+            raise PhotoDecodeError(path, "truncated or corrupt", _one_line(e)) from None
+    if im.mode not in _SUPPORTED_MODES:
+        raise PhotoDecodeError(path, "unsupported mode", im.mode)
+    return to_rgb8(im)
+
+
+def to_rgb8(im: Image.Image) -> np.ndarray:
+    """A decoded Pillow image in any supported mode -> uint8 (H, W, 3), C-contiguous."""
+    mode = im.mode
+    if mode == "RGB":
+        return np.array(im, dtype=np.uint8)
+    if mode in _GRAY16 or mode == "I":
+        # 16-bit data: keep the full range (a 16-bit PNG opens as I;16, older files as I)
+        gray = (np.clip(np.asarray(im, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
+    elif mode == "F":
+        gray = np.round(np.clip(np.asarray(im, dtype=np.float32), 0.0, 1.0) * 255).astype(np.uint8)
+    elif mode in ("1", "L"):
+        gray = np.asarray(im.convert("L"))
+    elif mode in ("LA", "La"):
+        gray = np.asarray(im)[..., 0]  # luminance, alpha dropped
+    elif mode in ("P", "PA", "RGBA", "RGBa", "RGBX"):
+        # via RGBA so palette transparency is kept apart from the colours, then dropped
+        return np.ascontiguousarray(np.asarray(im.convert("RGBA"))[..., :3])
+    else:  # CMYK, YCbCr, LAB, HSV: Pillow's own conversion
+        return np.array(im.convert("RGB"), dtype=np.uint8)
+    return np.ascontiguousarray(np.repeat(gray[..., None], 3, axis=2))
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text
+
+
+# Per-process caches of decoded photos (LRU, read-only arrays) and of files that failed to decode
+# (so a broken file costs one decode per process; outcomes are the same either way).
+_PHOTO_CACHE: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+_DECODE_FAILURES: dict[str, str] = {}
+_MAX_REMEMBERED_FAILURES = 10_000
+
+
+def cached_photo(path: str, capacity: int) -> np.ndarray:
+    """load_photo through the per-process LRU cache of ``capacity`` photos (0 disables it).
+
+    The returned array is read-only (it may be shared with later calls). A failure raises
+    PhotoDecodeError (or OSError) again on every later call without decoding again.
+    """
+    if path in _PHOTO_CACHE:
+        _PHOTO_CACHE.move_to_end(path)
+        return _PHOTO_CACHE[path]
+    if path in _DECODE_FAILURES:
+        raise PhotoDecodeError(path, *_DECODE_FAILURES[path].split("\0"))
+    try:
+        photo = load_photo(path)
+    except PhotoDecodeError as e:
+        if len(_DECODE_FAILURES) < _MAX_REMEMBERED_FAILURES:
+            _DECODE_FAILURES[path] = f"{e.reason}\0{e.detail}"
+        raise
+    photo.setflags(write=False)
+    if capacity > 0:
+        _PHOTO_CACHE[path] = photo
+        while len(_PHOTO_CACHE) > capacity:
+            _PHOTO_CACHE.popitem(last=False)
+    return photo
+
+
+def clear_caches() -> None:
+    """Forget every cached photo and remembered failure of this process."""
+    _PHOTO_CACHE.clear()
+    _DECODE_FAILURES.clear()
+
+
+# ----------------------------------------------------------------------------- canvases
+
+
+def draw_canvas(rng: np.random.Generator, source: SourceList, canvas: int, cfg) -> tuple[np.ndarray, dict]:
+    """Draw one sharp canvas: uint8 (canvas, canvas, 3) sRGB and a JSON-ready dict of the draw.
+
+    Photos: info = {"source": "photo", "path" (relative to the folder, or the file name for
+    samples), "photo_size": [w, h] after EXIF rotation, "crop": [x0, y0, x1, y1] in that photo,
+    "scale": canvas / crop side, "decode_failures": [[path, reason], ...]}.
+    Dead leaves: see ``deadleaves``. ``cfg`` is a pipeline.config.SourceConfig.
+    """
+    if source.kind == "deadleaves":
+        return deadleaves(rng, canvas, cfg)
+    if source.kind != "photos" or not source.paths:
+        raise SourceError(f"source '{source.spec}' has no photos to draw from")
+    n = len(source.paths)
+    failed: list[int] = []  # indices that failed in this call, sorted; never drawn twice
+    failures: list[list[str]] = []
+    for _ in range(min(n, MAX_DRAW_TRIES)):
+        # uniform over the files not yet failed: the k-th survivor, skipping failed indices
+        k = int(rng.integers(n - len(failed)))
+        for f in failed:
+            k += k >= f
+        path = source.paths[k]
+        try:
+            photo = cached_photo(path, cfg.photo_cache)
+        except PhotoDecodeError as e:
+            failures.append([source.name(path), f"{e.reason} ({e.detail})"])
+            bisect.insort(failed, k)
+            continue
+        except OSError as e:
+            failures.append([source.name(path), f"unreadable ({_one_line(e)})"])
+            bisect.insort(failed, k)
+            continue
+        image, crop = crop_photo(rng, photo, canvas, cfg.photo_scale_min, cfg.photo_scale_max)
+        h, w = photo.shape[:2]
+        info = {"source": "photo", "path": source.name(path), "photo_size": [w, h], "crop": crop,
+                "scale": canvas / (crop[2] - crop[0]), "decode_failures": failures}
+        return image, info
+    where = source.root or source.spec
+    raise SourceError(f"no photo of {where} could be decoded in {len(failures)} tries "
+                      f"(last: {failures[-1][0]}: {failures[-1][1]})")
+
+
+def crop_photo(rng: np.random.Generator, photo: np.ndarray, canvas: int, scale_min: float,
+               scale_max: float) -> tuple[np.ndarray, list[int]]:
+    """A random square of ``photo`` (uint8 (H, W, 3)) resized to uint8 (canvas, canvas, 3).
+
+    The scale s is log-uniform in [scale_min, scale_max]; the box side is round(canvas / s), or
+    the photo's shorter side if that is smaller (then the effective scale is larger than s).
+    Downscaling uses Lanczos (it averages away JPEG artefacts and sensor noise); a box equal to
+    the canvas is copied as is. Returns (canvas, [x0, y0, x1, y1]).
+    """
+    h, w = photo.shape[:2]
+    s = scale_min * (scale_max / scale_min) ** float(rng.random())
+    box = min(max(1, round(canvas / s)), h, w)
+    x0 = int(rng.integers(w - box + 1))
+    y0 = int(rng.integers(h - box + 1))
+    crop = photo[y0:y0 + box, x0:x0 + box]
+    if box == canvas:
+        out = np.array(crop)
+    else:
+        # upscaling only happens for photos smaller than the canvas (list with min_side=canvas
+        # to avoid it); bicubic does not ring as much as Lanczos there
+        method = Image.Resampling.LANCZOS if box > canvas else Image.Resampling.BICUBIC
+        out = np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize((canvas, canvas), method))
+    return out, [x0, y0, x0 + box, y0 + box]
+
+
+# ----------------------------------------------------------------------------- dead leaves
+
+
+def deadleaves(rng: np.random.Generator, canvas: int, cfg) -> tuple[np.ndarray, dict]:
+    """A dead-leaves image: uint8 (canvas, canvas, 3) sRGB, and {"source", "disks", "uncovered_px"}.
+
+    Disks fall front to back: radii with density ~ r^-alpha on [r_min, r_max] (alpha = 3 gives
+    each octave of scale the same covered area, i.e. scale invariance), centres uniform over
+    the canvas grown by the radius, colours of random brightness and saturation. A share of the
+    disks carry a texture (a sinusoidal grating between two colours, or a linear gradient across
+    the disk), so there is fine detail inside shapes as well as at their edges. Each pixel takes
+    the colour of the first disk that covers it; the draw stops at the disk that completes the
+    coverage ("disks" in the info), or at ``deadleaves_max_disks``, after which the few pixels
+    still uncovered ("uncovered_px") get one extra background colour. A Gaussian blur of
+    ``deadleaves_smooth`` px anti-aliases the disk edges.
+
+    All ``deadleaves_max_disks`` disks are drawn from ``rng`` every time (a fixed number of
+    draws), so the generator ends in the same state however early the canvas is covered.
+    """
+    n = int(cfg.deadleaves_max_disks)
+    rmin = float(cfg.deadleaves_rmin)
+    rmax = max(rmin, float(cfg.deadleaves_rmax_frac) * canvas)
+    a = 1.0 - float(cfg.deadleaves_alpha)  # alpha > 1, so a < 0
+
+    # geometry in float64 (pixel-exact coverage), the rest in float32
+    u = rng.random((3, n))
+    r = (rmin ** a + u[0] * (rmax ** a - rmin ** a)) ** (1.0 / a)  # inverse CDF of r^-alpha
+    cx = u[1] * (canvas - 1 + 2 * r) - r
+    cy = u[2] * (canvas - 1 + 2 * r) - r
+    label = first_cover(cx, cy, r, canvas, canvas)  # int32 (H, W), n where uncovered
+
+    colour = _random_colours(rng, n + 1)  # the extra row is the background
+    textured = rng.random(n + 1, dtype=np.float32) < cfg.deadleaves_texture_prob
+    textured[n] = False
+    m = int(textured.sum())
+    # per textured disk: second colour, amplitude, grating (or gradient), period, angle, phase
+    colour2 = _random_colours(rng, m)
+    tex = rng.random((m, 5), dtype=np.float32)
+
+    flat = label.ravel()
+    image = colour[flat]  # float32 (H*W, 3) in [0, 255]
+    if m:
+        tex_row = np.cumsum(textured, dtype=np.int32) - 1  # disk -> row in colour2 / tex
+        pix = np.flatnonzero(textured[flat])
+        if pix.size:
+            d = flat[pix]
+            t = tex_row[d]
+            theta = tex[t, 3] * np.float32(2 * np.pi)
+            # position along the texture direction, relative to the disk centre
+            along = ((pix % canvas) - cx[d]).astype(np.float32) * np.cos(theta) \
+                + ((pix // canvas) - cy[d]).astype(np.float32) * np.sin(theta)
+            period = np.float32(2.5) * np.float32(16.0) ** tex[t, 2]  # 2.5 .. 40 px, log-uniform
+            grating = 0.5 + 0.5 * np.sin(np.float32(2 * np.pi) * along / period + tex[t, 4] * np.float32(2 * np.pi))
+            gradient = np.clip(0.5 + along / (2 * r[d]).astype(np.float32), 0, 1)
+            weight = np.where(tex[t, 1] < 0.5, grating, gradient) * tex[t, 0]
+            image[pix] += weight[:, None] * (colour2[t] - image[pix])
+    image = image.reshape(canvas, canvas, 3)
+    if cfg.deadleaves_smooth > 0:
+        s = float(cfg.deadleaves_smooth)
+        image = ndimage.gaussian_filter(image, (s, s, 0), mode="reflect", truncate=3.0)
+    out = np.clip(image + 0.5, 0, 255).astype(np.uint8)
+
+    uncovered = int(np.count_nonzero(flat == n))
+    disks = n if uncovered else int(flat.max()) + 1
+    return out, {"source": "deadleaves", "disks": disks, "uncovered_px": uncovered}
+
+
+def _random_colours(rng: np.random.Generator, n: int) -> np.ndarray:
+    """float32 (n, 3) sRGB colours in [0, 255] with independent brightness and saturation."""
+    u = rng.random((n, 5), dtype=np.float32)
+    hue = u[:, :3] - u[:, :3].mean(axis=1, keepdims=True)  # a random chroma direction
+    # saturation: squared so that near-greys are as common as in photographs
+    c = u[:, 3:4] + 1.5 * u[:, 4:5] ** 2 * hue
+    return np.clip(c, 0, 1) * np.float32(255)
+
+
+def first_cover(cx: np.ndarray, cy: np.ndarray, r: np.ndarray, h: int, w: int) -> np.ndarray:
+    """For each pixel, the index of the first disk that covers it: int32 (h, w), len(r) if none.
+
+    Pixel (x, y) has its centre at integer (x, y) and is covered by disk i when
+    (x - cx_i)^2 + (y - cy_i)^2 <= r_i^2. This is what painting the disks front to back with a
+    coverage mask gives, computed without a Python loop over disks: each disk becomes one span
+    [xl, xr] per row it crosses; a span is split into two overlapping power-of-two blocks whose
+    min-updates go into a sparse table (levels x h x w), and pushing the table down the levels
+    leaves the per-pixel minimum. Cost ~ number of spans + levels * h * w, not the disks' area.
+    """
+    n = len(r)
+    y0 = np.maximum(np.ceil(cy - r), 0).astype(np.int64)
+    y1 = np.minimum(np.floor(cy + r), h - 1).astype(np.int64)
+    rows = np.maximum(y1 - y0 + 1, 0)
+    total = int(rows.sum())
+    disk = np.repeat(np.arange(n, dtype=np.int64), rows)
+    first_row = np.cumsum(rows) - rows
+    y = np.arange(total, dtype=np.int64) + np.repeat(y0 - first_row, rows)
+    dy = y - cy[disk]
+    half = np.sqrt(np.maximum(r[disk] ** 2 - dy * dy, 0.0))
+    xc = cx[disk]
+    xl = np.maximum(np.ceil(xc - half), 0).astype(np.int64)
+    xr = np.minimum(np.floor(xc + half), w - 1).astype(np.int64)
+    keep = xl <= xr
+    xl, xr, y, disk = xl[keep], xr[keep], y[keep], disk[keep]
+
+    length = xr - xl + 1
+    level = np.frexp(length.astype(np.float64))[1] - 1  # floor(log2(length)), exact for ints
+    levels = int(level.max()) + 1 if level.size else 1
+    table = np.full((levels, h, w), n, dtype=np.int32)
+    base = level * (h * w) + y * w
+    index = np.concatenate([base + xl, base + xr - (np.int64(1) << level) + 1])
+    value = disk.astype(np.int32)
+    np.minimum.at(table.reshape(-1), index, np.concatenate([value, value]))
+    for k in range(levels - 1, 0, -1):  # a block of 2^k at x = blocks of 2^(k-1) at x and x + 2^(k-1)
+        step = 1 << (k - 1)
+        np.minimum(table[k - 1], table[k], out=table[k - 1])
+        np.minimum(table[k - 1, :, step:], table[k, :, :w - step], out=table[k - 1, :, step:])
+    return table[0]

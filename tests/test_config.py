@@ -1,0 +1,69 @@
+"""Config loading: unknown keys, wrong types, out-of-range values are one-line errors."""
+
+import pytest
+
+from pipeline.config import ConfigError, ShardConfig, config_hash, load_config, load_shard_config, parse_override
+from tests.conftest import tiny_config
+
+
+def test_default_and_paper_configs_load():
+    for name in ("default", "paper"):
+        cfg = load_shard_config(f"configs/shards/{name}.toml")
+        assert cfg.dataset.kernel_size == 51 and cfg.dataset.frames == 8
+    assert load_shard_config("configs/shards/paper.toml").dataset.size == 160
+
+
+def test_overrides_change_values_and_the_hash():
+    a = tiny_config()
+    b = tiny_config("dataset.seed=8", "splits.train.samples=5")
+    assert b.dataset.seed == 8 and b.splits["train"].samples == 5
+    assert config_hash(a) != config_hash(b) and config_hash(a) == config_hash(tiny_config())
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("dataset.colour=1", "unknown key 'dataset.colour'"),
+    ("kernels.stepz=3", "unknown key 'kernels.stepz'"),
+    ("dataset.frames='eight'", "dataset.frames: expected an integer"),
+    ("dataset.frames=0", "dataset.frames must be in 1..64"),
+    ("splits.train.samples=0", "samples must be >= 1"),
+    ("dataset.kernel_size=50", "kernel_size must be odd"),
+    ("dataset.kernel_size=3", "kernel_size must be >= 5"),
+    ("dataset.size=8", "dataset.size must be in 16..4096"),
+    ("splits.train.source='http://x'", "source must be"),
+    ("imaging.gamma_min=3.0", "gamma_min/max"),
+    ("kernels.scale_max=40.0", "does not fit"),
+    ("dataset.snake=true", "unknown key"),
+])
+def test_bad_values_are_one_line_errors(override, needle):
+    with pytest.raises(ConfigError) as e:
+        tiny_config(override)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_size_smaller_than_kernel_margin_is_rejected():
+    with pytest.raises(ConfigError, match="smaller than needed"):
+        tiny_config("dataset.size=16", "dataset.kernel_size=41", "kernels.scale_max=2.0")
+
+
+def test_bad_split_name_and_missing_sections(tmp_path):
+    with pytest.raises(ConfigError, match="split name"):
+        tiny_config("splits.Bad.samples=1", "splits.Bad.samples_per_shard=1",
+                    "splits.Bad.source='deadleaves'")
+    p = tmp_path / "c.toml"
+    p.write_text("[dataset]\nname='x'\nseed=1\n")
+    with pytest.raises(ConfigError, match="missing required key 'splits'"):
+        load_config(ShardConfig, p)
+    p.write_text("[dataset\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(ShardConfig, p)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(ShardConfig, tmp_path / "nope.toml")
+
+
+def test_parse_override_reads_toml_values_or_strings():
+    assert parse_override("a.b=3") == (["a", "b"], 3)
+    assert parse_override("a.b=0.5") == (["a", "b"], 0.5)
+    assert parse_override("a=true") == (["a"], True)
+    assert parse_override("a.s=dir:/x/y") == (["a", "s"], "dir:/x/y")
+    with pytest.raises(ConfigError):
+        parse_override("novalue")

@@ -1,0 +1,83 @@
+"""Kernel properties: non-negative, sum 1, centroid at the centre, size follows the scale."""
+
+import numpy as np
+import pytest
+
+from pipeline.config import KernelConfig
+from pipeline.kernels import build_kernels, kernel_radius, sample_kernel_params, splat, trajectories
+
+
+def make(seed, cfg=KernelConfig(), frames=8, K=51, misalign=0.0):
+    params = sample_kernel_params(np.random.default_rng(seed), cfg, frames, misalign)
+    return params, build_kernels(params, cfg, K)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_kernels_are_normalized_nonnegative_and_centred(seed):
+    _, (k, traj, fit) = make(seed)
+    assert k.shape == (8, 51, 51) and k.dtype == np.float32
+    assert traj.shape == (8, 128, 2)
+    assert (k >= 0).all()
+    np.testing.assert_allclose(k.sum(axis=(1, 2)), 1.0, atol=1e-5)
+    y, x = np.mgrid[:51, :51]
+    cx = (k * x).sum(axis=(1, 2))
+    cy = (k * y).sum(axis=(1, 2))
+    assert np.abs(cx - 25).max() < 0.5 and np.abs(cy - 25).max() < 0.5
+    assert all(0 < f <= 1 for f in fit)
+
+
+def test_trajectory_is_centred_and_standardized():
+    rng = np.random.default_rng(0)
+    t = trajectories(rng.standard_normal((3, 128, 2)), rng.standard_normal((3, 2)), 0.9)
+    np.testing.assert_allclose(t.mean(axis=1), 0, atol=1e-12)
+    np.testing.assert_allclose(np.sqrt((t**2).sum(axis=2).mean(axis=1)), 1, rtol=1e-12)
+
+
+@pytest.mark.parametrize("scale", [0.5, 2.0, 5.0])
+def test_kernel_size_follows_the_configured_scale(scale):
+    cfg = KernelConfig(scale_min=scale, scale_max=scale, mixed_prob=0.0, uniform_min=1.0,
+                       uniform_max=1.0, defocus_max=0.0)
+    params, (k, _, fit) = make(3, cfg, frames=6)
+    assert params["blur_scale"] == pytest.approx(scale)
+    assert min(fit) == 1.0
+    r = kernel_radius(k)
+    # bilinear splatting adds at most ~0.5 px of spread on top of the path's RMS radius
+    np.testing.assert_allclose(r, scale, atol=0.5)
+
+
+def test_mixed_bursts_mix_sharp_and_blurred_frames():
+    cfg = KernelConfig(mixed_prob=1.0, mixed_min=0.1, mixed_max=2.0, scale_min=3, scale_max=3)
+    params, (k, _, _) = make(1, cfg, frames=32)
+    r = kernel_radius(k)
+    assert params["mixed"] and r.max() / r.min() > 4
+
+
+def test_oversized_paths_are_shrunk_to_fit():
+    cfg = KernelConfig(scale_min=20, scale_max=20, mixed_prob=0, uniform_min=1, uniform_max=1)
+    _, (k, _, fit) = make(2, cfg, K=21)
+    assert max(fit) < 1
+    assert k[:, 0, :].sum() == 0 and k[:, -1, :].sum() == 0 and k[:, :, 0].sum() == 0
+
+
+def test_splat_conserves_mass_and_first_moment():
+    pts = np.array([[[0.3, -1.7], [2.25, 0.5], [-3.0, 1.0]]])
+    k = splat(pts, 11)
+    y, x = np.mgrid[:11, :11]
+    assert k.sum() == pytest.approx(1.0)
+    assert (k * x).sum() == pytest.approx(5 + pts[0, :, 0].mean())
+    assert (k * y).sum() == pytest.approx(5 + pts[0, :, 1].mean())
+
+
+def test_misalignment_moves_the_centroid_by_the_drawn_shift():
+    params, (k, _, _) = make(4, misalign=1.0, frames=4)
+    y, x = np.mgrid[:51, :51]
+    shift = np.asarray(params["shift"])
+    np.testing.assert_allclose((k * x).sum(axis=(1, 2)) - 25, shift[:, 0], atol=1e-4)
+    np.testing.assert_allclose((k * y).sum(axis=(1, 2)) - 25, shift[:, 1], atol=1e-4)
+
+
+def test_same_generator_state_same_kernels():
+    _, (a, _, _) = make(11)
+    _, (b, _, _) = make(11)
+    _, (c, _, _) = make(12)
+    assert a.tobytes() == b.tobytes() and a.tobytes() != c.tobytes()
