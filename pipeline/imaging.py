@@ -113,8 +113,14 @@ def add_noise(linear: np.ndarray, shot: float, read: float, rng: np.random.Gener
     n = standard_noise(rng, linear.shape)
     if correlated_sigma > 0:
         n = correlate(n, correlated_sigma)
-    std = np.sqrt(np.float32(shot * shot) * np.maximum(linear, 0.0) + np.float32(read * read))
-    return linear + std * n
+    # in place, one temporary: std = sqrt(shot² · max(x, 0) + read²); out = x + std · n
+    out = np.maximum(linear, np.float32(0.0))
+    out *= np.float32(shot * shot)
+    out += np.float32(read * read)
+    np.sqrt(out, out=out)
+    out *= n
+    out += linear
+    return out
 
 
 def degrade(canvas_srgb: np.ndarray, kernels: np.ndarray, size: int, gamma: float,

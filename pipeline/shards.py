@@ -32,7 +32,7 @@ KERNELS = "kernels.zarr"
 PNG_LEVEL = 1  # zlib level of target.png: level 6 gains < 1% size at 3× the encode time here
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # identity hash: jobs key the retry table
 class ShardJob:
     """Everything a worker needs to write one shard (picklable)."""
 

@@ -284,7 +284,7 @@ def _one_line(e: BaseException) -> str:
 # Per-process caches of decoded photos (LRU, read-only arrays) and of files that failed to decode
 # (so a broken file costs one decode per process; outcomes are the same either way).
 _PHOTO_CACHE: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
-_DECODE_FAILURES: dict[str, str] = {}
+_DECODE_FAILURES: dict[str, tuple[str, str]] = {}
 _MAX_REMEMBERED_FAILURES = 10_000
 
 
@@ -298,12 +298,12 @@ def cached_photo(path: str, capacity: int) -> np.ndarray:
         _PHOTO_CACHE.move_to_end(path)
         return _PHOTO_CACHE[path]
     if path in _DECODE_FAILURES:
-        raise PhotoDecodeError(path, *_DECODE_FAILURES[path].split("\0"))
+        raise PhotoDecodeError(path, *_DECODE_FAILURES[path])
     try:
         photo = load_photo(path)
     except PhotoDecodeError as e:
         if len(_DECODE_FAILURES) < _MAX_REMEMBERED_FAILURES:
-            _DECODE_FAILURES[path] = f"{e.reason}\0{e.detail}"
+            _DECODE_FAILURES[path] = (e.reason, e.detail)
         raise
     photo.setflags(write=False)
     if capacity > 0:
@@ -422,36 +422,44 @@ def deadleaves(rng: np.random.Generator, canvas: int, cfg) -> tuple[np.ndarray, 
     colour = _random_colours(rng, n + 1)  # the extra row is the background
     textured = rng.random(n + 1, dtype=np.float32) < cfg.deadleaves_texture_prob
     textured[n] = False
-    m = int(textured.sum())
-    # per textured disk: second colour, amplitude, grating (or gradient), period, angle, phase
+    tex_disk = np.flatnonzero(textured)
+    m = tex_disk.size
     colour2 = _random_colours(rng, m)
-    tex = rng.random((m, 5), dtype=np.float32)
+    # per textured disk: amplitude, grating or gradient, period, angle, phase
+    amp, kind, period, angle, phase = rng.random((5, m), dtype=np.float32)
 
-    flat = label.ravel()
-    image = colour[flat]  # float32 (H*W, 3) in [0, 255]
-    if m:
-        tex_row = np.cumsum(textured, dtype=np.int32) - 1  # disk -> row in colour2 / tex
-        pix = np.flatnonzero(textured[flat])
-        if pix.size:
-            d = flat[pix]
-            t = tex_row[d]
-            theta = tex[t, 3] * np.float32(2 * np.pi)
-            # position along the texture direction, relative to the disk centre
-            along = ((pix % canvas) - cx[d]).astype(np.float32) * np.cos(theta) \
-                + ((pix // canvas) - cy[d]).astype(np.float32) * np.sin(theta)
-            period = np.float32(2.5) * np.float32(16.0) ** tex[t, 2]  # 2.5 .. 40 px, log-uniform
-            grating = 0.5 + 0.5 * np.sin(np.float32(2 * np.pi) * along / period + tex[t, 4] * np.float32(2 * np.pi))
-            gradient = np.clip(0.5 + along / (2 * r[d]).astype(np.float32), 0, 1)
-            weight = np.where(tex[t, 1] < 0.5, grating, gradient) * tex[t, 0]
-            image[pix] += weight[:, None] * (colour2[t] - image[pix])
-    image = image.reshape(canvas, canvas, 3)
+    # Per-disk tables (n + 1 entries, zero where untextured), gathered per pixel below. A texture
+    # is a weight w(x, y) in [0, 1] that mixes the disk's colour towards a second colour:
+    # a grating 0.5 + 0.5 sin(s) or a gradient clip(s, 0, 1), with s linear in (x, y).
+    period = np.float32(2.5) * np.float32(16.0) ** period  # 2.5 .. 40 px, log-uniform
+    ux, uy = np.cos(angle * np.float32(2 * np.pi)), np.sin(angle * np.float32(2 * np.pi))
+    grating = kind < 0.5
+    rad = r[tex_disk].astype(np.float32)
+    # grating: s = 2 pi <p - c, u> / period + phase; gradient: s = 0.5 + <p - c, u> / (2 r)
+    gain = np.where(grating, np.float32(2 * np.pi) / period, 0.5 / rad)
+    offset = np.where(grating, phase * np.float32(2 * np.pi), np.float32(0.5))
+    tab = np.zeros((10, n + 1), dtype=np.float32)  # rows: fx, fy, f0, grating?, colour, delta
+    tab[0, tex_disk] = gain * ux
+    tab[1, tex_disk] = gain * uy
+    tab[2, tex_disk] = offset - tab[0, tex_disk] * cx[tex_disk] - tab[1, tex_disk] * cy[tex_disk]
+    tab[3, tex_disk] = grating
+    tab[4:7] = colour.T
+    tab[7:10, tex_disk] = ((0.25 + 0.75 * amp)[:, None] * (colour2 - colour[tex_disk])).T
+
+    index = label.astype(np.intp)  # gathers with intp indices skip a conversion each
+    fx, fy, f0, is_grating = (row[index] for row in tab[:4])
+    s = fx * np.arange(canvas, dtype=np.float32) + fy * np.arange(canvas, dtype=np.float32)[:, None] + f0
+    weight = np.where(is_grating > 0, 0.5 + 0.5 * np.sin(s), np.clip(s, 0, 1))
+    image = np.empty((canvas, canvas, 3), dtype=np.float32)  # sRGB in [0, 255]
+    for c in range(3):
+        image[..., c] = tab[4 + c][index] + weight * tab[7 + c][index]
     if cfg.deadleaves_smooth > 0:
-        s = float(cfg.deadleaves_smooth)
-        image = ndimage.gaussian_filter(image, (s, s, 0), mode="reflect", truncate=3.0)
+        sigma = float(cfg.deadleaves_smooth)
+        image = ndimage.gaussian_filter(image, (sigma, sigma, 0), mode="reflect", truncate=3.0)
     out = np.clip(image + 0.5, 0, 255).astype(np.uint8)
 
-    uncovered = int(np.count_nonzero(flat == n))
-    disks = n if uncovered else int(flat.max()) + 1
+    uncovered = int(np.count_nonzero(label == n))
+    disks = n if uncovered else int(label.max()) + 1
     return out, {"source": "deadleaves", "disks": disks, "uncovered_px": uncovered}
 
 
@@ -491,13 +499,33 @@ def first_cover(cx: np.ndarray, cy: np.ndarray, r: np.ndarray, h: int, w: int) -
     xl, xr, y, disk = xl[keep], xr[keep], y[keep], disk[keep]
 
     length = xr - xl + 1
-    level = np.frexp(length.astype(np.float64))[1] - 1  # floor(log2(length)), exact for ints
+    level = (np.frexp(length.astype(np.float64))[1] - 1).astype(np.int64)  # floor(log2), exact
     levels = int(level.max()) + 1 if level.size else 1
-    table = np.full((levels, h, w), n, dtype=np.int32)
+    start2 = xr - (np.int64(1) << level) + 1  # the second block ends where the span ends
+    label = np.empty((h, w), dtype=np.int32)
+    # bands of rows bound the table's memory on big canvases (one band up to ~1000^2 px)
+    band = max(1, _TABLE_ENTRIES // (levels * w))
+    for b0 in range(0, h, band):
+        b1 = min(h, b0 + band)
+        sel = slice(None) if band >= h else (y >= b0) & (y < b1)
+        label[b0:b1] = _span_min(xl[sel], start2[sel], y[sel] - b0, level[sel], disk[sel],
+                                 levels, b1 - b0, w, n)
+    return label
+
+
+_TABLE_ENTRIES = 10 * 1024 * 1024  # int32 entries of first_cover's sparse table (40 MiB)
+
+
+def _span_min(xl, start2, y, level, disk, levels: int, h: int, w: int, empty: int) -> np.ndarray:
+    """Per-pixel min of ``disk`` over spans [xl, xr] of rows y: int32 (h, w), ``empty`` if none.
+
+    Spans come as two power-of-two blocks, at xl and start2, of length 2^level each.
+    """
+    table = np.full((levels, h, w), empty, dtype=np.int32)
     base = level * (h * w) + y * w
-    index = np.concatenate([base + xl, base + xr - (np.int64(1) << level) + 1])
     value = disk.astype(np.int32)
-    np.minimum.at(table.reshape(-1), index, np.concatenate([value, value]))
+    np.minimum.at(table.reshape(-1), np.concatenate([base + xl, base + start2]),
+                  np.concatenate([value, value]))
     for k in range(levels - 1, 0, -1):  # a block of 2^k at x = blocks of 2^(k-1) at x and x + 2^(k-1)
         step = 1 << (k - 1)
         np.minimum(table[k - 1], table[k], out=table[k - 1])

@@ -1,0 +1,160 @@
+"""Rendering speed: bursts/s per core for 160×160, 8 frames, 51×51 kernels, encoding and writing
+included, with 1 and 2 workers, against a straightforward generator run in the same invocation.
+
+    .venv/bin/python bench/bench_render.py [--samples 1024] [--source deadleaves] [--json out.json]
+
+Prints three tables: (1) the stage profile of one core (where the time goes), (2) the
+straightforward baseline vs this pipeline's sample function on one core, (3) whole runs of
+`render_dataset` (local engine, and ray) with 1 and 2 workers, wall clock including pool start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy.signal
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline import imaging, kernels, render, shards, sources  # noqa: E402
+from pipeline.config import ShardConfig, from_dict, validate  # noqa: E402
+from pipeline.run import render_dataset  # noqa: E402
+
+
+def bench_config(samples: int, source: str) -> ShardConfig:
+    cfg = from_dict(ShardConfig, {
+        "dataset": {"name": "bench", "seed": 1, "frames": 8, "size": 160, "kernel_size": 51},
+        "splits": {"train": {"samples": samples, "samples_per_shard": 64, "source": source}}})
+    validate(cfg)
+    return cfg
+
+
+def straightforward_burst(rng: np.random.Generator, canvas: np.ndarray, cfg: ShardConfig) -> np.ndarray:
+    """The plain way: float64, per-frame random-walk kernel, scipy fftconvolve per frame, normal
+    noise from the generator, np.power gamma. Stands in for the OpenCV filter2D generator."""
+    K, size, m = cfg.dataset.kernel_size, cfg.dataset.size, cfg.margin
+    lin = (canvas / 255.0) ** 2.2
+    frames = []
+    for _ in range(cfg.dataset.frames):
+        v = np.zeros(2)
+        pts = []
+        p = np.zeros(2)
+        for _ in range(128):
+            v = 0.9 * v + rng.normal(size=2)
+            p = p + v
+            pts.append(p.copy())
+        pts = np.array(pts)
+        pts -= pts.mean(0)
+        pts *= 3.0 / np.sqrt((pts**2).sum(1).mean())
+        k = np.zeros((K, K))
+        for x, y in np.clip(np.round(pts + K // 2).astype(int), 0, K - 1):
+            k[y, x] += 1
+        k /= k.sum()
+        blurred = scipy.signal.fftconvolve(lin, k[..., None], mode="valid", axes=(0, 1))
+        noisy = blurred + rng.normal(0, 0.02, blurred.shape)
+        frames.append((np.clip(noisy, 0, 1) ** (1 / 2.2) * 255 + 0.5).astype(np.uint8))
+    assert frames[0].shape == (size, size, 3), frames[0].shape
+    return np.stack(frames)
+
+
+def rate(fn, n: int) -> float:
+    fn(0)
+    t0 = time.perf_counter()
+    for i in range(n):
+        fn(i)
+    return n / (time.perf_counter() - t0)
+
+
+def stage_profile(cfg: ShardConfig, src: sources.SourceList, n: int) -> dict[str, float]:
+    """Milliseconds per burst in each stage, on one core."""
+    t = dict.fromkeys(["canvas", "params+kernels", "linearize", "blur (FFT)", "noise", "re-gamma+quantize",
+                       "encode (npy+png+json)", "tar write"], 0.0)
+    tar_bytes = 0
+    for i in range(n):
+        s_rng, p_rng, n_rng = render.sample_streams(cfg, "train", i)
+        t0 = time.perf_counter()
+        canvas, info = sources.draw_canvas(s_rng, src, cfg.canvas, cfg.sources)
+        t1 = time.perf_counter()
+        params = render.sample_params(p_rng, cfg)
+        kern, traj, fit = kernels.build_kernels(params, cfg.kernels, cfg.dataset.kernel_size)
+        t2 = time.perf_counter()
+        lin = imaging.linearize(canvas, params["gamma"])
+        t3 = time.perf_counter()
+        frames = imaging.blur(lin, kern, cfg.dataset.size)
+        t4 = time.perf_counter()
+        frames = imaging.add_noise(frames, params["shot_noise"], params["read_noise"], n_rng,
+                                   params["noise_correlation_px"])
+        t5 = time.perf_counter()
+        burst = imaging.delinearize(frames, params["gamma"])
+        t6 = time.perf_counter()
+        sample = {"key": f"train-000000-{i:06d}", "burst": burst, "target": canvas[25:185, 25:185].copy(),
+                  "params": {"gamma": params["gamma"], "source": info}}
+        members = shards.sample_members(sample)
+        t7 = time.perf_counter()
+        tar_bytes += sum(len(d) for _, d in members)
+        t8 = time.perf_counter()
+        for key, dt in zip(t, [t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, t7 - t6, t8 - t7]):
+            t[key] += dt
+    return {k: 1e3 * v / n for k, v in t.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--samples", type=int, default=1024, help="bursts per whole run (default 1024)")
+    ap.add_argument("--source", default="deadleaves", help="deadleaves | samples | dir:/path")
+    ap.add_argument("--engines", default="local,ray", help="engines of table 3 (default local,ray)")
+    ap.add_argument("--json", help="write the figures here")
+    args = ap.parse_args()
+    cfg = bench_config(args.samples, args.source)
+    src = sources.list_source(args.source, cfg.canvas)
+    results: dict = {"config": "160x160, 8 frames, 51x51 kernels", "source": args.source}
+
+    prof = stage_profile(cfg, src, 100)
+    total = sum(prof.values())
+    print(f"\n(1) where the time goes, one core, ms per burst ({args.source})")
+    for k, v in prof.items():
+        print(f"  {k:<24}{v:7.2f}  {100 * v / total:5.1f}%")
+    print(f"  {'total':<24}{total:7.2f}  -> {1e3 / total:.0f} bursts/s")
+    results["profile_ms"] = prof
+
+    def ours(i):
+        return render.render_sample(cfg, "train", i, src)
+
+    def plain(i):
+        rng = np.random.default_rng(i)
+        canvas, _ = sources.draw_canvas(rng, src, cfg.canvas, cfg.sources)
+        return straightforward_burst(rng, canvas, cfg)
+
+    r_plain, r_ours = rate(plain, 30), rate(ours, 200)
+    print("\n(2) one core, sample function only (no encoding), bursts/s")
+    print(f"  straightforward generator {r_plain:8.1f}")
+    print(f"  this pipeline             {r_ours:8.1f}   ({r_ours / r_plain:.1f}x)")
+    results["one_core"] = {"straightforward": r_plain, "ours": r_ours, "ratio": r_ours / r_plain}
+
+    print(f"\n(3) whole runs: {args.samples} bursts rendered, encoded and written (wall clock, pool start included)")
+    print(f"  {'engine':<8}{'workers':>8}{'bursts/s':>10}{'per core':>10}{'vs 1 worker':>13}")
+    results["runs"] = []
+    for engine in args.engines.split(","):
+        base = None
+        for workers in (1, 2):
+            with tempfile.TemporaryDirectory() as tmp:
+                t0 = time.perf_counter()
+                render_dataset(cfg, Path(tmp) / "d", workers=workers, engine=engine, progress=False)
+                dt = time.perf_counter() - t0
+            r = args.samples / dt
+            base = base or r
+            print(f"  {engine:<8}{workers:>8}{r:>10.1f}{r / workers:>10.1f}{r / base:>12.2f}x")
+            results["runs"].append({"engine": engine, "workers": workers, "bursts_per_s": r,
+                                    "per_core": r / workers, "speedup": r / base})
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
