@@ -49,26 +49,40 @@ def fft_size(n: int) -> int:
     return sfft.next_fast_len(n, real=True)
 
 
+def support_radius(kernels: np.ndarray) -> int:
+    """Smallest r such that every kernel (F, K, K) is zero outside its centre (2r+1)² window."""
+    K = kernels.shape[-1]
+    ys, xs = np.nonzero(kernels.any(axis=0))
+    if ys.size == 0:
+        return 0
+    return int(max(np.abs(ys - K // 2).max(), np.abs(xs - K // 2).max()))
+
+
 def blur(canvas: np.ndarray, kernels: np.ndarray, size: int) -> np.ndarray:
     """Blur one linear canvas with F kernels; return the valid centre crop of each frame.
 
     canvas: float32 (C, C, 3) with C = size + K - 1; kernels: float32 (F, K, K), centre at K // 2.
-    Returns float32 (F, size, size, 3). The FFT is circular over a fast length L >= C, but the
-    crop only reads canvas pixels within the kernel's reach, so no wrap-around or border enters it.
+    Returns float32 (F, size, size, 3). The FFT is circular over a fast length L >= size + 2r,
+    where r is the kernels' actual support radius (most shakes are far smaller than K), and the
+    crop only reads canvas pixels within the kernels' reach: no wrap-around or border enters it.
     """
     C = canvas.shape[0]
     F, K, _ = kernels.shape
     m = K // 2
+    r = support_radius(kernels)
+    kernels = kernels[:, m - r:m + r + 1, m - r:m + r + 1]
+    canvas = canvas[m - r:C - (m - r), m - r:C - (m - r)]
+    C, k = canvas.shape[0], 2 * r + 1
     L = fft_size(C)
     # kernel centre to the origin of an L×L grid (negative offsets wrap to the far side)
     padded = np.zeros((F, L, L), np.float32)
-    padded[:, :K, :K] = kernels
-    padded = np.roll(padded, (-m, -m), axis=(1, 2))
+    padded[:, :k, :k] = kernels
+    padded = np.roll(padded, (-r, -r), axis=(1, 2))
     img = np.zeros((3, L, L), np.float32)
     img[:, :C, :C] = canvas.transpose(2, 0, 1)
     spec = sfft.rfft2(img)[None] * sfft.rfft2(padded)[:, None]  # (F, 3, L, L//2+1)
     out = sfft.irfft2(spec, s=(L, L), overwrite_x=True)
-    return out[:, :, m:m + size, m:m + size].transpose(0, 2, 3, 1)
+    return out[:, :, r:r + size, r:r + size].transpose(0, 2, 3, 1)
 
 
 _NORMAL_TABLE = None

@@ -75,3 +75,17 @@ def test_highlights_boost_only_bright_pixels():
     out = imaging.boost_highlights(img, 0.8, 5.0)
     np.testing.assert_array_equal(out[0, 0], img[0, 0])
     assert 1.0 < out[0, 1, 0] < 5.0 and out[0, 2, 0] == pytest.approx(5.0)
+
+
+def test_blur_crops_the_fft_to_the_kernels_support():
+    rng = np.random.default_rng(2)
+    size, K = 24, 15
+    canvas = rng.random((size + K - 1, size + K - 1, 3)).astype(np.float32)
+    kern = np.zeros((2, K, K), np.float32)
+    kern[:, 5:10, 6:9] = rng.random((2, 5, 3))  # support radius 2 around the centre (7, 7)
+    kern /= kern.sum(axis=(1, 2), keepdims=True)
+    assert imaging.support_radius(kern) == 2
+    out = imaging.blur(canvas, kern, size)
+    for f in range(2):
+        ref = convolve2d(canvas[..., 0].astype(np.float64), kern[f].astype(np.float64), mode="valid")
+        np.testing.assert_allclose(out[f, ..., 0], ref, atol=2e-5)
