@@ -133,15 +133,18 @@ def test_nothing_usable_names_the_skip_counts(tmp_path):
     assert "3 skipped: 1 not an image, 2 too small (< 32 px)" in str(err.value)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files without read permission")
-def test_unreadable_file_is_counted(tmp_path):
+def test_unreadable_file_is_counted(tmp_path, monkeypatch):
     save(tmp_path / "ok.png", photo(40, 40))
     locked = save(tmp_path / "locked.png", photo(40, 40))
-    os.chmod(locked, 0)
-    try:
-        src = sources.list_source(f"dir:{tmp_path}", 32)
-    finally:
-        os.chmod(locked, 0o644)
+    real_open = sources.Image.open
+
+    def open_or_deny(fp, *args, **kwargs):  # as a permission-less file would (root ignores chmod)
+        if str(fp) == str(locked):
+            raise PermissionError(13, "Permission denied", str(fp))
+        return real_open(fp, *args, **kwargs)
+
+    monkeypatch.setattr(sources.Image, "open", open_or_deny)
+    src = sources.list_source(f"dir:{tmp_path}", 32)
     assert src.skipped == {"unreadable": [locked]}
 
 
