@@ -1,0 +1,296 @@
+"""The permutation-invariant U-Net and the training loss: shapes, invariances, checkpoints."""
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from pipeline.config import ConfigError, load_config
+from trainer.losses import burst_loss
+from trainer.model import BurstDeblurNet, ModelConfig, build_model, load
+
+SMALL = dict(width=8, mults=[1, 2, 3])  # 3 levels: pads to a multiple of 4
+
+
+def make_model(seed=0, dtype=torch.float32, **kw):
+    # module init draws from the global generator and takes no Generator argument: seed it inside
+    # fork_rng so the state seen by other tests is left as it was
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_model(ModelConfig(**{**SMALL, **kw})).to(dtype)
+
+
+def rand_burst(shape, seed=0, dtype=torch.float32):
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def save_checkpoint(path, model, **extra):
+    cfg = {"train": {"steps": 10, "batch_size": 2, "seed": 0}, "model": dataclasses.asdict(model.cfg)}
+    torch.save({"model": model.state_dict(), "config": cfg, "step": 10, **extra}, path)
+
+
+# ----------------------------------------------------------------------------- shapes and config
+
+
+@pytest.mark.parametrize("n", [1, 2, 5])
+@pytest.mark.parametrize("hw", [(37, 50), (32, 32), (5, 3)])
+def test_output_shape_any_n_any_size(n, hw):
+    model = make_model()
+    burst = rand_burst((2, n, 3, *hw))
+    with torch.no_grad():
+        out = model(burst)
+    assert out.shape == (2, 3, *hw)
+    assert out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+
+
+def test_paper_size_channels():
+    model = build_model(ModelConfig())
+    assert [e.set_conv.conv.out_channels for e in model.encoders] == [64, 128, 256, 384]
+    assert model.decoders[-1].set_conv.conv.out_channels == 96  # round(64 * 1.5)
+    # the set convs see [frame ; max over frames]: twice the incoming channels
+    assert model.encoders[1].set_conv.conv.in_channels == 2 * 64
+    assert model.decoders[0].set_conv.conv.in_channels == 2 * (384 + 256)
+
+
+def test_bad_burst_shape_raises():
+    model = make_model()
+    with pytest.raises(ValueError, match="B, N, 3, H, W"):
+        model(torch.rand(2, 3, 16, 16))
+    with pytest.raises(ValueError, match="B, N, 3, H, W"):
+        model(torch.rand(1, 0, 3, 16, 16))
+    with pytest.raises(ValueError, match="float in"):
+        model(torch.zeros(1, 2, 3, 16, 16, dtype=torch.uint8))
+
+
+def test_config_from_toml_and_validation(tmp_path):
+    path = tmp_path / "model.toml"
+    path.write_text("width = 16\nmults = [1, 2]\nfused = false\n")
+    cfg = load_config(ModelConfig, path)
+    assert cfg == ModelConfig(width=16, mults=[1, 2], fused=False)
+    with pytest.raises(ConfigError, match="model.mults"):
+        load_config(ModelConfig, None, ["mults=[1]"])
+    with pytest.raises(ConfigError, match="model.convs_per_block"):
+        load_config(ModelConfig, None, ["convs_per_block=0"])
+    with pytest.raises(ConfigError, match="unknown key 'depth'"):
+        load_config(ModelConfig, None, ["depth=3"])
+
+
+def test_no_batch_statistics_anywhere():
+    model = build_model(ModelConfig())
+    stats_types = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm,
+                   torch.nn.LocalResponseNorm)
+    assert not [m for m in model.modules() if isinstance(m, stats_types)]
+    assert not list(model.buffers())  # running means/vars would be buffers
+    # and train/eval mode do not change the output
+    small = make_model()
+    burst = rand_burst((2, 3, 3, 16, 16))
+    with torch.no_grad():
+        a = small.train()(burst)
+        b = small.eval()(burst)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- invariances
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_permutation_invariance(dtype, atol):
+    model = make_model(dtype=dtype)
+    burst = rand_burst((2, 5, 3, 37, 50), dtype=dtype)
+    perm = torch.tensor([3, 0, 4, 2, 1])
+    with torch.no_grad():
+        a = model(burst)
+        b = model(burst[:, perm])
+    assert (a - b).abs().max().item() <= atol
+    # and the frames do matter: dropping one changes the output
+    with torch.no_grad():
+        c = model(burst[:, :4])
+    assert (a - c).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_fused_equals_plain_for_the_same_weights(dtype, atol):
+    fused = make_model(dtype=dtype, fused=True)
+    plain = make_model(seed=1, dtype=dtype, fused=False)
+    plain.load_state_dict(fused.state_dict(), strict=True)  # one parameterization for both forms
+    burst = rand_burst((2, 4, 3, 21, 30), dtype=dtype)
+    with torch.no_grad():
+        a, b = fused(burst), plain(burst)
+    assert (a - b).abs().max().item() <= atol
+    # gradients agree too
+    grads = []
+    for model in (fused, plain):
+        model.zero_grad()
+        model(burst).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4 if dtype == torch.float32 else 1e-10,
+                               atol=1e-6 if dtype == torch.float32 else 1e-12)
+
+
+def test_batch_independence():
+    model = make_model()
+    burst = rand_burst((3, 4, 3, 24, 20))
+    with torch.no_grad():
+        together = model(burst)
+        alone = model(burst[1:2])
+        other = burst.clone()
+        other[0], other[2] = rand_burst((4, 3, 24, 20), seed=5), rand_burst((4, 3, 24, 20), seed=6)
+        changed_neighbours = model(other)
+    torch.testing.assert_close(together[1:2], alone, rtol=0, atol=1e-5)
+    torch.testing.assert_close(changed_neighbours[1], together[1], rtol=0, atol=1e-5)
+
+
+def test_padding_is_cropped_back_in_place():
+    # 37×50 is padded to 40×52 (a multiple of 4 for 3 levels) at the bottom and right; the
+    # output must be the top-left crop of the output for that padded burst, not a shifted one
+    model = make_model()
+    burst = rand_burst((1, 2, 3, 37, 50))
+    padded = torch.nn.functional.pad(burst.flatten(0, 1), (0, 2, 0, 3), mode="replicate").unflatten(0, (1, 2))
+    with torch.no_grad():
+        out = model(burst)
+        out_padded = model(padded)
+    torch.testing.assert_close(out, out_padded[..., :37, :50], rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- training signal
+
+
+def test_gradients_flow_to_every_parameter():
+    model = make_model()
+    burst = rand_burst((2, 3, 3, 16, 16))
+    target = rand_burst((2, 3, 16, 16), seed=1)
+    burst_loss(model(burst), target).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_a_few_adam_steps_reduce_the_loss():
+    model = make_model()
+    burst = rand_burst((2, 3, 3, 16, 16))
+    target = burst[:, 0] ** 2  # a fixed, learnable map of the frames
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        loss = burst_loss(model(burst), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_channels_last_gives_the_same_output():
+    model = make_model()
+    burst = rand_burst((2, 3, 3, 20, 24))
+    with torch.no_grad():
+        a = model(burst)
+        converted = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        b = converted(burst)
+    assert converted.channels_last and not model.channels_last
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def test_save_load_round_trip(tmp_path):
+    model = make_model(fused=False)
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, model, optimizer={"state": {}, "param_groups": []})
+    loaded = load(path)
+    assert isinstance(loaded, BurstDeblurNet)
+    assert not loaded.training
+    assert loaded.cfg == model.cfg
+    burst = rand_burst((1, 3, 3, 19, 23))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(burst), model(burst), rtol=0, atol=0)
+
+
+def test_load_strips_compile_and_ddp_prefixes(tmp_path):
+    model = make_model()
+    state = {f"module._orig_mod.{k}": v for k, v in model.state_dict().items()}
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": state, "config": {"model": dataclasses.asdict(model.cfg)}}, path)
+    burst = rand_burst((1, 2, 3, 16, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(load(path)(burst), model(burst), rtol=0, atol=0)
+
+
+def one_line_value_error(path):
+    with pytest.raises(ValueError) as info:
+        load(path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path}: not a burst-deblur checkpoint (")
+    return message
+
+
+def test_load_rejects_non_checkpoints(tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("hello\nworld\n")
+    assert "torch.load failed" in one_line_value_error(text)
+
+    assert "no such file" in one_line_value_error(tmp_path / "missing.pt")
+
+    tensor = tmp_path / "tensor.pt"
+    torch.save(torch.zeros(3), tensor)
+    assert "'model'" in one_line_value_error(tensor)
+
+    no_config = tmp_path / "no_config.pt"
+    torch.save({"model": make_model().state_dict()}, no_config)
+    assert "'config'" in one_line_value_error(no_config)
+
+    bad_config = tmp_path / "bad_config.pt"
+    torch.save({"model": {}, "config": {"model": {"width": 8, "depth": 3}}}, bad_config)
+    assert "unknown key 'model.depth'" in one_line_value_error(bad_config)
+
+    # weights of another model size: a clear mismatch, not a multi-line RuntimeError
+    model = make_model()
+    mismatched = tmp_path / "mismatched.pt"
+    torch.save({"model": model.state_dict(), "config": {"model": {**dataclasses.asdict(model.cfg), "width": 16}}},
+               mismatched)
+    assert "shape" in one_line_value_error(mismatched)
+
+    fewer_levels = tmp_path / "fewer_levels.pt"
+    torch.save({"model": model.state_dict(), "config": {"model": {**dataclasses.asdict(model.cfg), "mults": [1, 2]}}},
+               fewer_levels)
+    assert "unexpected key" in one_line_value_error(fewer_levels)
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def test_burst_loss_zero_for_identical_images():
+    x = rand_burst((2, 3, 8, 9))
+    loss = burst_loss(x, x.clone())
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    assert loss.item() == 0.0
+
+
+def test_burst_loss_by_hand():
+    # one channel, 2×3: d = pred − target = [[1, 0, 2], [0, 0, -1]]
+    target = torch.zeros(1, 1, 2, 3)
+    pred = torch.tensor([[[[1.0, 0.0, 2.0], [0.0, 0.0, -1.0]]]])
+    l1 = (1 + 0 + 2 + 0 + 0 + 1) / 6
+    gx = (abs(0 - 1) + abs(2 - 0) + abs(0 - 0) + abs(-1 - 0)) / 4  # along W
+    gy = (abs(0 - 1) + abs(0 - 0) + abs(-1 - 2)) / 3  # along H
+    expected = 0.1 * l1 + gx + gy
+    assert burst_loss(pred, target).item() == pytest.approx(expected, rel=1e-6)
+    # a constant offset is penalised by the pixel term only
+    assert burst_loss(target + 0.25, target).item() == pytest.approx(0.025, rel=1e-6)
+
+
+def test_burst_loss_float32_for_bf16_inputs_and_bad_shapes():
+    x = rand_burst((1, 3, 6, 6))
+    y = rand_burst((1, 3, 6, 6), seed=1)
+    loss = burst_loss(x.bfloat16(), y)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(burst_loss(x.bfloat16().float(), y).item(), rel=1e-6)
+    with pytest.raises(ValueError, match="one shape"):
+        burst_loss(x, y[..., :5])
+    with pytest.raises(ValueError, match="H, W >= 2"):
+        burst_loss(x[..., :1], y[..., :1])
