@@ -1,0 +1,265 @@
+"""trainer/data.py on the tiny rendered dataset: batches, augmentation, readers, order, bad shards."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from trainer import data
+from trainer.data import DataError, TrainStream, augment, iter_samples, load_val_set, read_manifest
+
+CROP, MIN_FR, MAX_FR = 32, 1, 4
+
+
+def stream(path, **kw) -> TrainStream:
+    args = dict(steps=24, batch_size=3, seed=5, crop=CROP, min_frames=MIN_FR, max_frames=MAX_FR,
+                shuffle_buffer=6, num_workers=0)
+    args.update(kw)
+    return TrainStream(path, "train", **args)
+
+
+def batches(s: TrainStream, worker: int = 0) -> list[dict]:
+    return list(s.iter_worker(worker))
+
+
+def copy_dataset(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("kernels.zarr"))
+    return dst
+
+
+def set_manifest_bytes(root: Path, file: str) -> None:
+    """Make the manifest list the current size of ``file`` (after a test rewrote it)."""
+    manifest = json.loads((root / "manifest.json").read_text())
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            if shard["file"] == file:
+                shard["bytes"] = (root / file).stat().st_size
+    (root / "manifest.json").write_text(json.dumps(manifest))
+
+
+def rewrite_tar(path: Path, change) -> None:
+    """Rewrite a tar, passing each (name, bytes) through ``change`` (None drops the member)."""
+    with tarfile.open(path) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, payload in members:
+            out = change(name, payload)
+            if out is None:
+                continue
+            info = tarfile.TarInfo(name)
+            info.size = len(out)
+            tar.addfile(info, io.BytesIO(out))
+
+
+# ----------------------------------------------------------------------------- samples in key order
+
+
+def test_iter_samples_key_order_shapes_and_meta(tiny_shards):
+    samples = list(iter_samples(tiny_shards, "val"))
+    keys = [s["key"] for s in samples]
+    assert keys == sorted(keys) and len(keys) == 8 and len(set(keys)) == 8
+    assert keys[0] == "val-000000-000000" and keys[-1].startswith("val-000001-")
+    for s in samples:
+        assert s["burst"].dtype == np.uint8 and s["burst"].shape == (4, 48, 48, 3)
+        assert s["target"].dtype == np.uint8 and s["target"].shape == (48, 48, 3)
+        assert isinstance(s["meta"], dict) and s["meta"]
+    # the photo-based test split reads the same way
+    assert len(list(iter_samples(tiny_shards, "test"))) == 8
+
+
+def test_validation_set_is_the_first_samples_in_key_order(tiny_shards):
+    first = load_val_set(tiny_shards, "val", 5)
+    again = load_val_set(tiny_shards, "val", 5)
+    assert first["keys"] == [s["key"] for s in iter_samples(tiny_shards, "val")][:5]
+    assert first["keys"] == again["keys"]
+    assert np.array_equal(first["burst"], again["burst"]) and first["burst"].shape == (5, 4, 48, 48, 3)
+    assert first["target"].shape == (5, 48, 48, 3)
+
+
+def test_missing_folder_and_manifest_are_one_line_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data folder not found") as e:
+        read_manifest(tmp_path / "nope")
+    assert "\n" not in str(e.value)
+    with pytest.raises(FileNotFoundError, match="no manifest.json"):
+        list(iter_samples(tmp_path, "train"))
+
+
+# ----------------------------------------------------------------------------- training batches
+
+
+def test_stream_batches_shapes_and_burst_length_per_batch(tiny_shards):
+    out = batches(stream(tiny_shards))
+    assert [b["step"] for b in out] == list(range(24))
+    lengths = []
+    for b in out:
+        burst, target = b["burst"], b["target"]
+        assert burst.dtype == torch.uint8 and target.dtype == torch.uint8
+        n = burst.shape[1]  # one burst length for the whole batch
+        assert burst.shape == (3, n, CROP, CROP, 3) and target.shape == (3, CROP, CROP, 3)
+        assert MIN_FR <= n <= MAX_FR
+        assert all(k.startswith("train-") for k in b["keys"]) and len(b["keys"]) == 3
+        lengths.append(n)
+    assert len(set(lengths)) >= 3  # varies across batches
+
+
+def test_augmentation_is_joint_on_burst_and_target():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)
+    burst = np.repeat(image[None], 4, axis=0)
+    outputs = set()
+    for seed in range(24):
+        b, t = augment(burst, image, 3, 32, np.random.default_rng(seed))
+        assert b.shape == (3, 32, 32, 3) and t.shape == (32, 32, 3) and b.dtype == np.uint8
+        for frame in b:
+            assert np.array_equal(frame, t)
+        outputs.add(t.tobytes())
+    assert len(outputs) > 12  # crops, flips and rotations actually vary
+
+
+def test_augmentation_draws_a_random_subset_and_order_of_frames():
+    burst = np.stack([np.full((8, 8, 3), v, np.uint8) for v in (10, 20, 30, 40)])
+    target = np.zeros((8, 8, 3), np.uint8)
+    orders = set()
+    for seed in range(30):
+        b, _ = augment(burst, target, 3, 8, np.random.default_rng(seed))
+        values = tuple(int(f[0, 0, 0]) for f in b)
+        assert len(set(values)) == 3 and set(values) <= {10, 20, 30, 40}
+        orders.add(values)
+    assert len(orders) > 10
+
+
+def test_readers_read_disjoint_shards(tiny_shards):
+    """2 ranks × 2 workers = 4 readers over 4 shards: one shard each."""
+    seen = {}
+    for rank in range(2):
+        s = stream(tiny_shards, world_size=2, rank=rank, num_workers=2, steps=12)
+        assert s.mode == "shards"
+        for worker in range(2):
+            got = batches(s, worker)
+            assert {b["reader"] for b in got} == {rank * 2 + worker}
+            seen[(rank, worker)] = {name for b in got for name in b["shards"]}
+    assert all(len(v) == 1 for v in seen.values())
+    assert set.union(*seen.values()) == {f"train-{i:06d}.tar" for i in range(4)}
+
+
+def test_more_readers_than_shards_split_samples(tiny_shards):
+    """2 ranks × 3 workers = 6 readers > 4 shards: every reader keeps samples with index ≡ slot (mod 6)."""
+    keys = {}
+    for rank in range(2):
+        s = stream(tiny_shards, world_size=2, rank=rank, num_workers=3, steps=18)
+        assert s.mode == "samples" and "only 4 shards" in s.note
+        for worker in range(3):
+            got = batches(s, worker)
+            slot = rank * 3 + worker
+            keys[slot] = {k for b in got for k in b["keys"]}
+            assert all(int(k.split("-")[2]) % 6 == slot for k in keys[slot])
+    assert all(keys.values())
+    assert sum(len(v) for v in keys.values()) == len(set.union(*keys.values()))
+
+
+def test_batches_are_a_function_of_the_step(tiny_shards, monkeypatch):
+    """Starting at any step (mid-round, across rounds) reproduces the batches of a full run."""
+    monkeypatch.setattr(data, "ROUND_MIN_SAMPLES", 8)  # rounds of 4 batches of 2
+    kw = dict(batch_size=2, shuffle_buffer=1, num_workers=2, steps=22)
+    full = {b["step"]: b for w in range(2) for b in batches(stream(tiny_shards, **kw), w)}
+    assert sorted(full) == list(range(22))
+    for start in (5, 9, 16):
+        later = stream(tiny_shards, start_step=start, **kw)
+        got = {b["step"]: b for w in range(2) for b in batches(later, w)}
+        assert sorted(got) == list(range(start, 22))
+        for step, b in got.items():
+            assert b["keys"] == full[step]["keys"]
+            assert torch.equal(b["burst"], full[step]["burst"]) and torch.equal(b["target"], full[step]["target"])
+    # another seed gives other batches
+    other = batches(stream(tiny_shards, seed=6, **kw), 0)
+    def signature(b):
+        return b["keys"], b["burst"].numpy().tobytes()
+
+    assert all(signature(b) != signature(full[b["step"]]) for b in other)
+
+
+def test_dataloader_workers_deliver_steps_in_order(tiny_shards):
+    s = stream(tiny_shards, num_workers=2, steps=9, start_step=3)
+    steps = [b["step"] for b in data.train_loader(s)]
+    assert steps == list(range(3, 9))
+
+
+# ----------------------------------------------------------------------------- bad data
+
+
+def corrupt_header_mid_file(path: Path) -> None:
+    """Overwrite the tar header of the 5th member with garbage (size unchanged)."""
+    with tarfile.open(path) as tar:
+        offset = tar.getmembers()[4].offset
+    raw = bytearray(path.read_bytes())
+    raw[offset:offset + 512] = b"\xff" * 512
+    path.write_bytes(bytes(raw))
+
+
+def test_corrupt_shard_mid_stream_names_the_shard(tiny_shards, tmp_path):
+    root = copy_dataset(tiny_shards, tmp_path / "ds")
+    corrupt_header_mid_file(root / "train-000002.tar")
+    with pytest.raises(DataError, match="train-000002.tar") as e:
+        batches(stream(root, steps=40))
+    assert "\n" not in str(e.value)
+    with pytest.raises(DataError, match="train-000002.tar"):
+        list(iter_samples(root, "train"))
+    # raised in a DataLoader worker process, it comes back as the same one line
+    with pytest.raises(DataError, match=r"^shard \S+train-000002\.tar: ") as e:
+        list(data.train_loader(stream(root, steps=40, num_workers=2)))
+    assert "\n" not in str(e.value)
+
+
+def test_truncated_or_missing_shard_is_caught_before_reading(tiny_shards, tmp_path):
+    root = copy_dataset(tiny_shards, tmp_path / "ds")
+    path = root / "train-000001.tar"
+    path.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(DataError, match=r"train-000001\.tar: 5000 bytes"):
+        stream(root)
+    path.unlink()
+    with pytest.raises(DataError, match=r"train-000001\.tar: file missing"):
+        stream(root)
+
+
+def test_sample_missing_a_member_or_with_wrong_dtype(tiny_shards, tmp_path):
+    root = copy_dataset(tiny_shards, tmp_path / "ds")
+    rewrite_tar(root / "val-000000.tar", lambda name, b: None if name == "val-000000-000001.target.png" else b)
+    set_manifest_bytes(root, "val-000000.tar")
+
+    def as_float(name, b):
+        if name == "val-000001-000005.burst.npy":
+            out = io.BytesIO()
+            np.save(out, np.load(io.BytesIO(b)).astype(np.float32))
+            return out.getvalue()
+        return b
+
+    rewrite_tar(root / "val-000001.tar", as_float)
+    set_manifest_bytes(root, "val-000001.tar")
+    with pytest.raises(DataError, match=r"val-000000\.tar: sample val-000000-000001: missing member\(s\) target.png"):
+        list(iter_samples(root, "val"))
+    shard = data.split_shards(root, read_manifest(root), "val")[1]
+    raw = next(r for r in data.read_shard(shard) if r["__key__"] == "val-000001-000005")
+    with pytest.raises(DataError, match=r"val-000001\.tar: sample val-000001-000005: burst.npy is float32"):
+        data.decode_sample(raw, shard, 4, 48)
+
+
+def test_skip_mode_counts_bad_shards_and_samples(tiny_shards, tmp_path, capsys):
+    root = copy_dataset(tiny_shards, tmp_path / "ds")
+    corrupt_header_mid_file(root / "train-000002.tar")
+    rewrite_tar(root / "train-000000.tar", lambda name, b: None if name == "train-000000-000003.json" else b)
+    set_manifest_bytes(root, "train-000000.tar")
+    out = batches(stream(root, steps=40, on_bad_shard="skip"))
+    assert len(out) == 40 and all(b["burst"].shape[0] == 3 for b in out)
+    assert out[-1]["skipped_shards"] >= 1 and out[-1]["skipped_samples"] >= 1
+    assert "train-000000-000003" not in {k for b in out for k in b["keys"]}
+    err = capsys.readouterr().err
+    # the shard is drawn again and again (resampled), but each problem is reported once
+    assert err.count("skipping the rest of shard") == 1 and "train-000002.tar: holds" in err
+    assert err.count("train-000000-000003: missing member(s) json") == 1

@@ -1,0 +1,190 @@
+"""trainer/train.py, config.py and the CLI on the tiny dataset: checkpoints, exact resume, NaN
+stop, DDP on two CPU processes, config errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import trainer.model
+import trainer.train as train_mod
+from pipeline.config import ConfigError
+from trainer.__main__ import main as cli_main
+from trainer.config import TrainConfig, load_train_config, to_dict
+from trainer.data import check_against_manifest, read_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_sets(data: Path, steps: int = 6, **train) -> list[str]:
+    """--set overrides for a run of a few seconds on the tiny dataset."""
+    values = dict(steps=steps, batch_size=2, crop=24, max_frames=4, val_every=3, val_samples=2,
+                  val_frames="[1, 3]", log_every=2, ckpt_every=3, image_every=1, image_samples=2,
+                  num_workers=0, shuffle_buffer=4)
+    values.update(train)
+    sets = [f"train.{k}={v}" for k, v in values.items()]
+    sets += ["model.width=4", "model.mults=[1, 2]", f"data.dir={json.dumps(str(data))}"]
+    return [x for s in sets for x in ("--set", s)]
+
+
+def run_cli(argv: list[str]) -> int:
+    return train_mod.main(["--config", str(REPO / "configs/train/default.toml")] + argv)
+
+
+def weights(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_lr_is_a_pure_function_of_the_step():
+    t = TrainConfig().train
+    t.warmup_steps, t.lr, t.lr_decay = 4, 1e-3, 0.5
+    assert train_mod.lr_at(0, t) == pytest.approx(1e-3 * 0.25)
+    assert train_mod.lr_at(3, t) == pytest.approx(1e-3 * 0.5**3)
+    assert [train_mod.lr_at(s, t) for s in range(6)] == [train_mod.lr_at(s, t) for s in range(6)]
+
+
+def test_config_rules_and_dataset_checks_before_work(tiny_shards, tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'train.stepz'"):
+        load_train_config(None, ["train.stepz=3"])
+    with pytest.raises(ConfigError, match="train.min_frames"):
+        load_train_config(None, ["train.min_frames=5", "train.max_frames=4"])
+    manifest = read_manifest(tiny_shards)
+    for sets, message in ((["train.crop=64"], r"train.crop \(64\) is larger than the stored size \(48"),
+                          (["train.crop=32", "train.max_frames=8"], r"stored frames \(4\)"),
+                          (["train.crop=32", "train.max_frames=4", "train.val_frames=[1, 8]"], "val_frames"),
+                          (["train.crop=32", "train.max_frames=4", "train.val_frames=[1]"], r"val_samples \(64\)")):
+        cfg = load_train_config(None, sets)
+        with pytest.raises(ConfigError, match=message):
+            check_against_manifest(cfg, manifest)
+    # the CLI says so in one line, exit 2, and writes nothing
+    out = tmp_path / "run"
+    assert run_cli(["--out", str(out)] + tiny_sets(tiny_shards, crop=64)) == 2
+    assert not out.exists()
+
+
+def test_resolved_config_round_trips_through_toml(tmp_path):
+    cfg = load_train_config(REPO / "configs/train/gpu.toml", ["train.lr=1e-05", 'data.dir="a b/c"'])
+    path = tmp_path / "config.toml"
+    path.write_text(train_mod.to_toml(to_dict(cfg)))
+    assert load_train_config(path) == cfg
+    assert load_train_config(REPO / "configs/train/default.toml").model.width > 0
+
+
+# ----------------------------------------------------------------------------- training runs
+
+
+def test_checkpoints_logs_and_exact_resume(tiny_shards, tmp_path):
+    """6 steps straight == 3 steps, then --resume to 6 (2 loader workers, split mid-stream)."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert run_cli(["--out", str(straight)] + tiny_sets(tiny_shards, num_workers=2)) == 0
+    assert run_cli(["--out", str(split)] + tiny_sets(tiny_shards, steps=3, num_workers=2)) == 0
+    assert torch.load(split / "last.pt", weights_only=True)["step"] == 3
+    # resuming without --config takes the checkpoint's config; --set extends the run
+    assert train_mod.main(["--out", str(split), "--resume", "--set", "train.steps=6"]) == 0
+
+    a, b = weights(straight / "last.pt"), weights(split / "last.pt")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    ckpt = torch.load(straight / "last.pt", map_location="cpu", weights_only=True)
+    assert ckpt["step"] == 6 and ckpt["config"]["model"]["width"] == 4
+    assert set(ckpt) >= {"model", "config", "optimizer", "step", "best_val_psnr", "rng"}
+    assert math.isfinite(ckpt["best_val_psnr"])
+    # the run folder: resolved config, summary, TensorBoard scalars and image grids
+    assert load_train_config(straight / "config.toml").train.steps == 6
+    summary = json.loads((straight / "summary.json").read_text())
+    assert summary["step"] == 6 and set(summary["val"]) == {"1", "3"}
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(straight / "tb")).Reload()
+    tags = events.Tags()
+    assert {"train/loss", "train/lr", "train/samples_per_s", "val/psnr_1fr", "val/psnr_3fr",
+            "val/loss_3fr", "val/psnr_mean_of_frames_1fr"} <= set(tags["scalars"])
+    assert "val/3fr_target_output_frames" in tags["images"]
+
+    # trainer.model.load rebuilds the network from best.pt; it runs on any burst length
+    model = trainer.model.load(straight / "best.pt")
+    out = model(torch.rand(1, 5, 3, 20, 28))
+    assert out.shape == (1, 3, 20, 28) and not model.training
+
+
+def test_existing_run_needs_resume(tiny_shards, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli(["--out", str(out)] + tiny_sets(tiny_shards, steps=2)) == 0
+    capsys.readouterr()
+    assert run_cli(["--out", str(out)] + tiny_sets(tiny_shards, steps=2)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "--resume" in err and "\n" not in err
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_shards, tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def poisoned(pred, target):
+        loss = train_mod_loss(pred, target)
+        if torch.is_grad_enabled():  # training steps only, not validation
+            calls.append(1)
+            if len(calls) == 5:  # step 4 (0-based)
+                return loss * float("nan")
+        return loss
+
+    train_mod_loss = train_mod.burst_loss
+    monkeypatch.setattr(train_mod, "burst_loss", poisoned)
+    out = tmp_path / "run"
+    assert run_cli(["--out", str(out)] + tiny_sets(tiny_shards, steps=8, ckpt_every=2)) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "loss is nan at step 4" in err[0] and "last.pt" in err[0]
+    ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    assert ckpt["step"] == 4
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_ddp_two_cpu_processes_read_disjoint_shards_and_agree(tiny_shards, tmp_path):
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "trainer", "train", "--config", str(REPO / "configs/train/default.toml"), "--out", str(out),
+           *tiny_sets(tiny_shards, steps=4, num_workers=1)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    read0, read1 = set(summary["shards_read"]["0"]), set(summary["shards_read"]["1"])
+    assert read0 and read1 and not read0 & read1
+    digests = summary["weights_digest"]
+    assert digests["0"] == digests["1"]
+    assert torch.load(out / "last.pt", weights_only=True)["data"]["world_size"] == 2
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def test_cli_help_for_every_command(capsys):
+    assert cli_main(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert all(cmd in text for cmd in ("train", "evaluate", "deblur"))
+    with pytest.raises(SystemExit) as e:
+        cli_main(["train", "--help"])
+    assert e.value.code == 0
+    assert "usage: python -m trainer train" in capsys.readouterr().out
+    assert cli_main(["bogus"]) == 2
+
+
+def test_bad_set_is_one_error_line_and_exit_2(tiny_shards, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-m", "trainer", "train", "--data", str(tiny_shards),
+                           "--out", str(tmp_path / "r"), "--set", "train.steps=lots"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: train.steps")
+    assert train_mod.main(["--set", "nodot"]) == 2

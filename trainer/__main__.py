@@ -1,0 +1,37 @@
+"""`python -m trainer {train,evaluate,deblur} ...`: a thin dispatcher to each command's main(argv).
+
+The command modules are imported only when called, so `python -m trainer deblur` does not pay
+for TensorBoard and `--help` of one command works even while another is broken.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "train": ("trainer.train", "train the network on rendered shards"),
+    "evaluate": ("trainer.evaluate", "score a checkpoint on a split against the baselines"),
+    "deblur": ("trainer.deblur", "deblur your own burst of photos with a checkpoint"),
+}
+
+USAGE = "usage: python -m trainer {" + ",".join(COMMANDS) + "} [--help] ..."
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        lines = [USAGE, "", "commands:"] + [f"  {name:<9} {text}" for name, (_, text) in COMMANDS.items()]
+        lines.append("\n`python -m trainer COMMAND --help` describes a command's options.")
+        print("\n".join(lines), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"{USAGE}\nerror: unknown command '{command}' (choose from {', '.join(COMMANDS)})", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    return module.main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""The train config: [train], [model], [data] tables of a TOML file, loaded into dataclasses.
+
+Loaded with ``pipeline.config.load_config``: unknown keys are errors, ``--set section.key=value``
+overrides, every rule that spans fields is checked in ``validate()`` before any work starts.
+Rules that need the dataset (crop <= stored size, frames <= stored frames, enough validation
+samples) are checked against the manifest by ``trainer.data.check_against_manifest``.
+
+The resolved config is saved into the run folder as ``config.toml`` (loadable again with
+``--config``) and, as a plain dict, inside every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import ConfigError, check, load_config
+from trainer.model import ModelConfig
+
+SPLIT_NAME = re.compile(r"[a-z0-9_]+")
+
+
+@dataclass
+class TrainSection:
+    """The [train] table: optimisation, batches, validation, logging, devices."""
+
+    steps: int = 2000  # optimizer steps (iterations, not epochs)
+    batch_size: int = 8  # samples per step on each rank (global batch = batch_size × ranks)
+    seed: int = 0  # model init, and every batch: batch s of rank r is a function of (seed, r, s)
+    lr: float = 3e-3
+    optimizer: str = "adam"  # "adam" (paper) | "radam" (the public re-implementation)
+    lr_decay: float = 0.999997  # lr(step) = lr · lr_decay^step after warmup (paper: per step)
+    warmup_steps: int = 0  # linear warmup from lr/warmup_steps to lr
+    grad_clip: float = 0.0  # max global grad norm; 0 = off
+    crop: int = 128  # training crop side, px (<= the stored size)
+    min_frames: int = 1  # burst length of each batch is uniform in min_frames..max_frames
+    max_frames: int = 8
+    val_every: int = 250  # validate every this many steps (and at the last step)
+    val_samples: int = 64  # the first val_samples of the val split, in key order
+    val_frames: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # fixed burst lengths
+    log_every: int = 25  # progress line and TensorBoard scalars every this many steps
+    ckpt_every: int = 500  # last.pt every this many steps (and at the last step)
+    image_every: int = 4  # image grids every this many validations; 0 = never
+    image_samples: int = 4  # rows of the image grid (first validation samples)
+    num_workers: int = 2  # DataLoader worker processes per rank (0 = read in the main process)
+    shuffle_buffer: int = 64  # samples held by each reader's shuffle buffer
+    device: str = "auto"  # "auto" (cuda if available) | "cpu" | "cuda"
+    threads: int = 0  # PyTorch CPU threads of this process; 0 = PyTorch's default (one per core)
+    amp: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "bf16" | "off"
+    channels_last: str = "auto"  # "auto" (on with CUDA) | "on" | "off"
+    compile: bool = False  # torch.compile the model for training
+    on_bad_shard: str = "error"  # "error" | "skip" (skip unreadable shards/samples, counted)
+
+    def validate(self) -> None:
+        positive = ("steps", "batch_size", "crop", "min_frames", "max_frames", "val_every",
+                    "val_samples", "log_every", "ckpt_every", "shuffle_buffer")
+        for name in positive:
+            value = getattr(self, name)
+            check(value >= 1, f"train.{name} must be >= 1, got {value}")
+        check(0 <= self.seed < 2**63, f"train.seed must be in [0, 2^63), got {self.seed}")
+        check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
+        check(self.optimizer in ("adam", "radam"), f"train.optimizer must be 'adam' or 'radam', got '{self.optimizer}'")
+        check(0 < self.lr_decay <= 1, f"train.lr_decay must be in (0, 1], got {self.lr_decay}")
+        check(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        check(self.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
+        check(self.min_frames <= self.max_frames,
+              f"train.min_frames ({self.min_frames}) must be <= train.max_frames ({self.max_frames})")
+        check(len(self.val_frames) >= 1, "train.val_frames must list at least one burst length")
+        check(all(n >= 1 for n in self.val_frames), f"train.val_frames must all be >= 1, got {self.val_frames}")
+        check(len(set(self.val_frames)) == len(self.val_frames), f"train.val_frames has duplicates: {self.val_frames}")
+        check(self.image_every >= 0, f"train.image_every must be >= 0 (0 = never), got {self.image_every}")
+        check(self.image_samples >= 1, f"train.image_samples must be >= 1, got {self.image_samples}")
+        check(self.threads >= 0, f"train.threads must be >= 0 (0 = PyTorch's default), got {self.threads}")
+        check(self.num_workers >= 0, f"train.num_workers must be >= 0, got {self.num_workers}")
+        check(self.device in ("auto", "cpu", "cuda"), f"train.device must be 'auto', 'cpu' or 'cuda', got '{self.device}'")
+        check(self.amp in ("auto", "bf16", "off"), f"train.amp must be 'auto', 'bf16' or 'off', got '{self.amp}'")
+        check(self.channels_last in ("auto", "on", "off"),
+              f"train.channels_last must be 'auto', 'on' or 'off', got '{self.channels_last}'")
+        check(self.on_bad_shard in ("error", "skip"), f"train.on_bad_shard must be 'error' or 'skip', got '{self.on_bad_shard}'")
+
+
+@dataclass
+class DataSection:
+    """The [data] table: which dataset folder and which of its splits."""
+
+    dir: str = "shards/default"  # the folder `python -m pipeline render` wrote (--data overrides)
+    train: str = "train"
+    val: str = "val"
+
+    def validate(self) -> None:
+        check(self.dir != "", "data.dir must not be empty")
+        for name in ("train", "val"):
+            value = getattr(self, name)
+            check(SPLIT_NAME.fullmatch(value) is not None,
+                  f"data.{name} '{value}' is not a split name (lowercase letters, digits, '_')")
+
+
+@dataclass
+class TrainConfig:
+    train: TrainSection = field(default_factory=TrainSection)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataSection = field(default_factory=DataSection)
+
+    def validate(self) -> None:
+        pass  # every rule lives in one section; the dataset rules are checked against the manifest
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> TrainConfig:
+    """Load ``path`` (TOML) or ``base`` (a plain dict, e.g. from a checkpoint), apply ``--set`` overrides."""
+    return load_config(TrainConfig, path, list(overrides), base=base)
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    """The resolved config as plain data (what checkpoints and config.toml hold)."""
+    return dataclasses.asdict(cfg)
+
+
+# ----------------------------------------------------------------------------- TOML writer
+
+
+def _toml_value(value: Any, where: str) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(f"{where}: {value} cannot be written to TOML")
+        return repr(value)  # shortest repr that round-trips; TOML reads 1e-05 and 0.001
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v, f"{where}[{i}]") for i, v in enumerate(value)) + "]"
+    raise ConfigError(f"{where}: cannot write {type(value).__name__} to TOML")
+
+
+def to_toml(data: dict) -> str:
+    """Write a dict of tables (nested dicts of scalars and lists) as TOML text.
+
+    Enough for configs: what tomllib reads back equals ``data`` exactly.
+    """
+    lines: list[str] = []
+
+    def table(prefix: str, node: dict) -> None:
+        scalars = {k: v for k, v in node.items() if not isinstance(v, dict)}
+        if prefix and (scalars or not node):
+            lines.append(f"[{prefix}]")
+        for key, value in scalars.items():
+            lines.append(f"{key} = {_toml_value(value, f'{prefix}.{key}' if prefix else key)}")
+        if prefix and (scalars or not node):
+            lines.append("")
+        for key, value in node.items():
+            if isinstance(value, dict):
+                table(f"{prefix}.{key}" if prefix else key, value)
+
+    table("", data)
+    return "\n".join(lines).rstrip() + "\n"

@@ -1,0 +1,489 @@
+"""Reading the shards: manifest, samples in key order, and the training stream of batches.
+
+A dataset folder (written by ``python -m pipeline render``) holds ``manifest.json`` and tars
+``<split>-NNNNNN.tar``; one sample is the tar members ``<key>.burst.npy`` (uint8 (N, H, W, 3)
+sRGB), ``<key>.target.png`` (uint8 (H, W, 3) sRGB) and ``<key>.json`` (the sampled parameters).
+Tars are read with webdataset's tar iterator and decoded here with ``np.load(allow_pickle=False)``
+and PIL: nothing is ever unpickled (webdataset's default decoders would unpickle .pyd/.pth).
+
+The training stream is a pure function of (seed, rank, step), so a resumed run sees exactly the
+batches it would have seen, and every DDP rank runs the same number of steps:
+
+    step s of rank r ──► reader slot j = r·W + (s mod W), its k = s div W -th batch
+    reader slot j    ──► rounds of R batches; round m draws shards (with replacement) from the
+                         slot's own shards with rng(seed, j, m), decodes their samples into a
+                         shuffle buffer and emits exactly R·batch_size samples
+    batch s          ──► burst length n from rng(seed, s) (the same on every rank), crop, flip,
+                         rotation and frame subset/order of each sample from rng(seed, r, s)
+
+W is the number of DataLoader workers per rank; the DataLoader asks its workers round-robin, so
+worker w of a loader started at step s0 serves steps s0+w, s0+w+W, ..., all of one slot. Slots
+read disjoint shards (shards[j::ranks·W]); with more slots than shards every slot reads every
+shard but keeps only the samples whose index in the split is j mod ranks·W.
+
+Why rounds: a shuffle buffer's content depends on everything read before it, so a stream with one
+endless buffer could only be restored by replaying it from step 0. A round starts from an empty
+buffer, so resuming replays at most one round (R·batch_size samples, >= 512 and >= 8 buffers'
+worth) per worker; the samples left in the buffer at a round's end (<= 1/8 of those read) are
+dropped.
+
+Batches stay uint8 (B, n, crop, crop, 3) on the way to the device; the train loop converts them
+to float there.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from pipeline.config import ConfigError
+
+MANIFEST = "manifest.json"
+MEMBERS = ("burst.npy", "target.png", "json")  # the suffixes every sample must have
+ROUND_MIN_SAMPLES = 512  # a round emits at least this many samples and 8 shuffle buffers' worth
+
+# tags that keep the seed sequences of the different random streams apart
+_TAG_ROUND, _TAG_LENGTH, _TAG_AUGMENT = 0x5EED01, 0x5EED02, 0x5EED03
+
+
+class DataError(ValueError):
+    """A problem with the dataset on disk; the message is one line naming the shard (and key)."""
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    # webdataset appends " @ <file object>" to the messages of the exceptions it re-raises
+    return (text[0].split(" @ ")[0] if text else "") or type(e).__name__
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One tar of a split, as the manifest lists it."""
+
+    path: Path
+    samples: int
+    bytes: int
+    first: int  # index in the split (key order) of the shard's first sample
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def read_manifest(data_dir: str | Path) -> dict:
+    """The parsed ``manifest.json`` of a dataset folder.
+
+    Raises FileNotFoundError (folder or manifest missing) or DataError (not a manifest), each
+    with a one-line message.
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"data folder not found: {data_dir} (render it with `python -m pipeline render`)")
+    path = data_dir / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"no {MANIFEST} in {data_dir}: not a rendered dataset, or its render did not finish")
+    try:
+        manifest = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({_one_line(e)})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
+        raise DataError(f"{path}: no 'splits' table; not a dataset manifest")
+    return manifest
+
+
+def stored_shape(manifest: dict) -> tuple[int, int]:
+    """(frames, size) stored per sample: bursts are uint8 (frames, size, size, 3)."""
+    dataset = manifest.get("config", {}).get("dataset", {})
+    try:
+        return int(manifest.get("frames", dataset["frames"])), int(manifest.get("size", dataset["size"]))
+    except (KeyError, TypeError, ValueError):
+        raise DataError("manifest.json: no dataset frames/size") from None
+
+
+def split_shards(data_dir: str | Path, manifest: dict, split: str, on_bad_shard: str = "error") -> list[Shard]:
+    """The shards of ``split`` in key order, each checked to exist with the size the manifest lists.
+
+    A missing or wrong-size file raises DataError naming it, or with ``on_bad_shard="skip"`` is
+    left out with a warning (the caller sees fewer shards).
+    """
+    data_dir = Path(data_dir)
+    if split not in manifest["splits"]:
+        raise DataError(f"{data_dir}: no split '{split}' (has: {', '.join(sorted(manifest['splits']))})")
+    try:
+        entries = sorted(manifest["splits"][split]["shards"], key=lambda s: s["file"])
+        listed = [(str(e["file"]), int(e["samples"]), int(e["bytes"])) for e in entries]
+    except (KeyError, TypeError, ValueError):
+        raise DataError(f"{data_dir / MANIFEST}: split '{split}' has no valid shard list") from None
+    shards, first = [], 0
+    for file, samples, size in listed:
+        shard = Shard(data_dir / file, samples, size, first)
+        first += samples
+        if not shard.path.is_file():
+            problem = f"shard {shard.path}: file missing"
+        elif shard.path.stat().st_size != size:
+            problem = f"shard {shard.path}: {shard.path.stat().st_size} bytes, the manifest lists {size} (truncated or replaced)"
+        else:
+            shards.append(shard)
+            continue
+        if on_bad_shard != "skip":
+            raise DataError(problem)
+        _warn(f"skipping {problem}")
+    if not shards:
+        raise DataError(f"{data_dir}: split '{split}' has no readable shards")
+    return shards
+
+
+def check_against_manifest(cfg, manifest: dict) -> None:
+    """Rules of a TrainConfig that need the dataset; ConfigError naming the key, before any work."""
+    t = cfg.train
+    for key in ("train", "val"):
+        split = getattr(cfg.data, key)
+        if split not in manifest["splits"]:
+            raise ConfigError(f"data.{key}: the dataset has no split '{split}' (has: {', '.join(sorted(manifest['splits']))})")
+    frames, size = stored_shape(manifest)
+    if t.crop > size:
+        raise ConfigError(f"train.crop ({t.crop}) is larger than the stored size ({size} px)")
+    if t.max_frames > frames:
+        raise ConfigError(f"train.max_frames ({t.max_frames}) is more than the stored frames ({frames})")
+    if max(t.val_frames) > frames:
+        raise ConfigError(f"train.val_frames {t.val_frames} asks for more than the stored frames ({frames})")
+    val_count = int(manifest["splits"][cfg.data.val].get("samples", 0))
+    if t.val_samples > val_count:
+        raise ConfigError(f"train.val_samples ({t.val_samples}) is more than split '{cfg.data.val}' holds ({val_count})")
+
+
+# ----------------------------------------------------------------------------- samples
+
+
+def read_shard(shard: Shard) -> Iterator[dict]:
+    """Raw samples of one tar in stored order: {"__key__": str, "burst.npy": bytes, ...}.
+
+    Raises DataError naming the shard when the tar is unreadable or holds a number of samples
+    other than the manifest lists (tarfile ends silently at a corrupt header mid-file).
+    """
+    def files(f):
+        for item in tar_file_iterator(f):
+            item["__url__"] = str(shard.path)  # group_by_keys wants it
+            yield item
+
+    count = 0
+    try:
+        with open(shard.path, "rb") as f:
+            for sample in group_by_keys(files(f)):
+                count += 1
+                yield sample
+    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+        raise DataError(f"shard {shard.path}: unreadable tar after {count} samples ({_one_line(e)})") from None
+    if count != shard.samples:
+        raise DataError(f"shard {shard.path}: holds {count} samples, the manifest lists {shard.samples} (corrupt tar)")
+
+
+def decode_sample(raw: dict, shard: Shard, frames: int | None = None, size: int | None = None) -> dict:
+    """Decode one raw sample -> {"key", "burst": uint8 (N,H,W,3) sRGB, "target": uint8 (H,W,3) sRGB, "meta": dict}.
+
+    Checks members, dtypes and shapes (N == frames and H == W == size when given); raises
+    DataError naming the shard and key. Never unpickles.
+    """
+    key = raw.get("__key__", "?")
+    where = f"shard {shard.path}: sample {key}"
+    missing = [m for m in MEMBERS if m not in raw]
+    if missing:
+        raise DataError(f"{where}: missing member(s) {', '.join(missing)}")
+    try:
+        burst = np.load(io.BytesIO(raw["burst.npy"]), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise DataError(f"{where}: burst.npy unreadable ({_one_line(e)})") from None
+    if not isinstance(burst, np.ndarray) or burst.dtype != np.uint8 or burst.ndim != 4 or burst.shape[-1] != 3:
+        raise DataError(f"{where}: burst.npy is {getattr(burst, 'dtype', '?')} {getattr(burst, 'shape', '?')}, "
+                        "expected uint8 (N, H, W, 3)")
+    if (frames is not None and burst.shape[0] != frames) or (size is not None and burst.shape[1:3] != (size, size)):
+        raise DataError(f"{where}: burst.npy has shape {burst.shape}, the manifest says ({frames}, {size}, {size}, 3)")
+    try:
+        with Image.open(io.BytesIO(raw["target.png"])) as im:
+            mode = im.mode
+            target = np.array(im)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"{where}: target.png unreadable ({_one_line(e)})") from None
+    if mode != "RGB" or target.shape != burst.shape[1:]:
+        raise DataError(f"{where}: target.png is {mode} {target.shape}, expected RGB {burst.shape[1:]} like the burst")
+    try:
+        meta = json.loads(raw["json"])
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"{where}: json unreadable ({_one_line(e)})") from None
+    return {"key": key, "burst": burst, "target": target, "meta": meta}
+
+
+def iter_samples(data_dir: str | Path, split: str) -> Iterator[dict]:
+    """Every sample of ``split`` in key order: dict(key=str, burst=uint8 (N,H,W,3) sRGB,
+    target=uint8 (H,W,3) sRGB, meta=dict of the sampled parameters).
+
+    Raises FileNotFoundError / DataError (one line naming the shard) on missing or bad data.
+    """
+    manifest = read_manifest(data_dir)
+    frames, size = stored_shape(manifest)
+    for shard in split_shards(data_dir, manifest, split):
+        # tars are written in key order; sorting one shard's keys makes the order independent of that
+        raws = sorted(read_shard(shard), key=lambda r: r["__key__"])
+        for raw in raws:
+            yield decode_sample(raw, shard, frames, size)
+
+
+def load_val_set(data_dir: str | Path, split: str, count: int) -> dict:
+    """The first ``count`` samples of ``split`` in key order, stacked, for validation.
+
+    Returns {"keys": list[str], "burst": uint8 (count, N, H, W, 3), "target": uint8 (count, H, W, 3)}.
+    """
+    keys, bursts, targets = [], [], []
+    for sample in iter_samples(data_dir, split):
+        if len(keys) == count:
+            break
+        keys.append(sample["key"])
+        bursts.append(sample["burst"])
+        targets.append(sample["target"])
+    if len(keys) < count:
+        raise DataError(f"{data_dir}: split '{split}' has {len(keys)} samples, {count} wanted for validation")
+    return {"keys": keys, "burst": np.stack(bursts), "target": np.stack(targets)}
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+
+def augment(burst: np.ndarray, target: np.ndarray, n: int, crop: int, rng: np.random.Generator
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """One random crop/flip/rotation applied jointly to burst and target, and n of the frames.
+
+    burst: uint8 (N, H, W, 3), target: uint8 (H, W, 3) -> burst uint8 (n, crop, crop, 3) made of a
+    random subset of n frames in random order, target uint8 (crop, crop, 3). A horizontal flip
+    and k·90° rotations give all 8 symmetries of the square with equal probability.
+    """
+    frames, h, w, _ = burst.shape
+    order = rng.permutation(frames)[:n]
+    y, x = int(rng.integers(h - crop + 1)), int(rng.integers(w - crop + 1))
+    flip, k = bool(rng.integers(2)), int(rng.integers(4))
+    b = burst[order, y:y + crop, x:x + crop]
+    t = target[y:y + crop, x:x + crop]
+    if flip:
+        b, t = b[:, :, ::-1], t[:, ::-1]
+    b, t = np.rot90(b, k, axes=(1, 2)), np.rot90(t, k, axes=(0, 1))
+    return np.ascontiguousarray(b), np.ascontiguousarray(t)
+
+
+def burst_length(seed: int, step: int, lo: int, hi: int) -> int:
+    """Frames in every burst of batch ``step``: uniform in lo..hi, the same on every rank."""
+    return int(np.random.default_rng([seed, _TAG_LENGTH, step]).integers(lo, hi + 1))
+
+
+# ----------------------------------------------------------------------------- training stream
+
+
+class TrainStream(torch.utils.data.IterableDataset):
+    """Batches for steps start_step..steps-1 of one rank; see the module docstring.
+
+    Each item is a dict: "burst" uint8 tensor (B, n, crop, crop, 3) sRGB, "target" uint8 tensor
+    (B, crop, crop, 3) sRGB, "step" int, "keys" list[str], "shards" list[str] (file of each
+    sample), "reader" int (slot), "skipped_shards"/"skipped_samples" int (counted so far by
+    that reader with on_bad_shard="skip").
+    """
+
+    def __init__(self, data_dir: str | Path, split: str, *, steps: int, batch_size: int, seed: int,
+                 crop: int, min_frames: int, max_frames: int, shuffle_buffer: int,
+                 num_workers: int = 0, rank: int = 0, world_size: int = 1, start_step: int = 0,
+                 on_bad_shard: str = "error"):
+        manifest = read_manifest(data_dir)
+        self.frames, self.size = stored_shape(manifest)
+        if crop > self.size or max_frames > self.frames:
+            raise ConfigError(f"crop {crop} / max_frames {max_frames} exceed the stored {self.size} px / {self.frames} frames")
+        self.steps, self.batch_size, self.seed = steps, batch_size, seed
+        self.crop, self.min_frames, self.max_frames = crop, min_frames, max_frames
+        self.shuffle_buffer, self.on_bad_shard = shuffle_buffer, on_bad_shard
+        self.num_workers = num_workers  # DataLoader processes; 0 reads in the main process
+        self.workers = max(1, num_workers)  # readers per rank
+        self.rank, self.world_size, self.start_step = rank, world_size, start_step
+        samples_per_round = max(ROUND_MIN_SAMPLES, 8 * shuffle_buffer)
+        self.round_batches = -(-samples_per_round // batch_size)
+
+        shards = split_shards(data_dir, manifest, split, on_bad_shard)
+        readers = world_size * self.workers
+        if len(shards) >= readers:
+            self.mode = "shards"
+            self.slot_shards = {j: shards[j::readers] for j in range(readers)}
+            self.note = f"{readers} readers ({world_size} rank(s) × {self.workers}) read disjoint shards of {len(shards)}"
+        else:
+            self.mode = "samples"
+            self.slot_shards = {j: shards for j in range(readers)}
+            owned = np.zeros(readers, int)  # samples each slot keeps (shards left out in skip mode hold none)
+            for shard in shards:
+                np.add.at(owned, np.arange(shard.first, shard.first + shard.samples) % readers, 1)
+            if not owned.all():
+                raise DataError(f"{data_dir}: split '{split}' leaves reader {int(np.argmin(owned))} of {readers} "
+                                f"({world_size} rank(s) × {self.workers} worker(s)) without samples; "
+                                "use fewer workers or ranks")
+            self.note = (f"{readers} readers ({world_size} rank(s) × {self.workers}) but only {len(shards)} shards: "
+                         f"every reader reads every shard and keeps the samples with index ≡ its slot mod {readers}")
+        self.readers = readers
+
+    def __len__(self) -> int:
+        return max(0, self.steps - self.start_step)
+
+    def slot(self, step: int) -> int:
+        """The reader slot that serves ``step`` on this rank."""
+        return self.rank * self.workers + step % self.workers
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if workers != self.workers:
+            raise RuntimeError(f"TrainStream built for {self.workers} workers is read by {workers}")
+        return self.iter_worker(worker)
+
+    def iter_worker(self, worker: int) -> Iterator[dict]:
+        """The batches worker ``worker`` of this rank serves: steps start+worker, start+worker+W, ..."""
+        first = self.start_step + worker
+        if first >= self.steps:
+            return
+        slot = self.slot(first)
+        state = _ReaderState()
+        samples = self._slot_samples(slot, first // self.workers, state)
+        for step in range(first, self.steps, self.workers):
+            batch = [next(samples) for _ in range(self.batch_size)]
+            yield self._collate(batch, step, slot, state)
+
+    def _collate(self, samples: list[dict], step: int, slot: int, state: _ReaderState) -> dict:
+        n = burst_length(self.seed, step, self.min_frames, self.max_frames)
+        rng = np.random.default_rng([self.seed, _TAG_AUGMENT, self.rank, step])
+        pairs = [augment(s["burst"], s["target"], n, self.crop, rng) for s in samples]
+        return {
+            "burst": torch.from_numpy(np.stack([b for b, _ in pairs])),
+            "target": torch.from_numpy(np.stack([t for _, t in pairs])),
+            "step": step,
+            "keys": [s["key"] for s in samples],
+            "shards": [s["shard"] for s in samples],
+            "reader": slot,
+            "skipped_shards": state.skipped_shards,
+            "skipped_samples": state.skipped_samples,
+        }
+
+    def _slot_samples(self, slot: int, batch_index: int, state: _ReaderState) -> Iterator[dict]:
+        """Decoded samples of one slot from its ``batch_index``-th batch on, forever."""
+        per_round = self.round_batches * self.batch_size
+        m = batch_index // self.round_batches
+        skip = (batch_index - m * self.round_batches) * self.batch_size
+        while True:
+            round_samples = self._round(slot, m, per_round, state)
+            for _ in range(skip):  # resuming mid-round: replay the round up to the position
+                next(round_samples)
+            skip = 0
+            yield from round_samples
+            m += 1
+
+    def _round(self, slot: int, m: int, count: int, state: _ReaderState) -> Iterator[dict]:
+        """Exactly ``count`` shuffled samples: shards drawn with rng(seed, slot, m) into a buffer."""
+        rng = np.random.default_rng([self.seed, _TAG_ROUND, slot, m])
+        shards = self.slot_shards[slot]
+        buffer: list[dict] = []
+        emitted = 0
+        while True:
+            shard = shards[int(rng.integers(len(shards)))]
+            got, errors = 0, state.skipped_shards + state.skipped_samples
+            for sample in self._shard_samples(shard, slot, state):
+                got += 1
+                if len(buffer) < self.shuffle_buffer:
+                    buffer.append(sample)
+                    continue
+                i = int(rng.integers(len(buffer)))
+                out, buffer[i] = buffer[i], sample
+                yield out
+                emitted += 1
+                if emitted == count:
+                    return
+            if not got and state.skipped_shards + state.skipped_samples > errors:  # skip mode only
+                state.dead.add(shard.name)
+                if len(state.dead) == len(shards):
+                    raise DataError(f"reader {slot}: none of its {len(shards)} shard(s) has a readable sample "
+                                    f"(first: {shards[0].path})")
+
+    def _shard_samples(self, shard: Shard, slot: int, state: _ReaderState) -> Iterator[dict]:
+        """Decoded samples of one shard that belong to ``slot``; bad ones raise, or are counted and skipped."""
+        skip = self.on_bad_shard == "skip"
+        raws = read_shard(shard)
+        index = shard.first  # index in the split of the next sample
+        while True:
+            try:
+                raw = next(raws)
+            except StopIteration:
+                return
+            except DataError as e:
+                if not skip:
+                    raise
+                state.skipped_shards += 1
+                state.warn_once(shard.name, f"skipping the rest of {e}")
+                return
+            index += 1
+            if self.mode == "samples" and (index - 1) % self.readers != slot:
+                continue
+            try:
+                sample = decode_sample(raw, shard, self.frames, self.size)
+            except DataError as e:
+                if not skip:
+                    raise
+                state.skipped_samples += 1
+                state.warn_once(raw.get("__key__"), f"skipping {e}")
+                continue
+            sample["shard"] = shard.name
+            del sample["meta"]  # unused in training; keeps the buffer small
+            yield sample
+
+
+@dataclass
+class _ReaderState:
+    """What one reader counts with on_bad_shard="skip" (reported in every batch)."""
+
+    skipped_shards: int = 0  # shard reads cut short by a bad tar
+    skipped_samples: int = 0  # samples with missing/unreadable members
+    warned: set = field(default_factory=set)  # each problem is printed once, not on every re-read
+    dead: set = field(default_factory=set)  # shards that gave this reader nothing but errors
+
+    def warn_once(self, what, message: str) -> None:
+        if what not in self.warned:
+            self.warned.add(what)
+            _warn(message)
+
+
+def train_loader(stream: TrainStream, pin_memory: bool = False) -> Iterator[dict]:
+    """The batches of ``stream`` in step order, read by its number of DataLoader workers.
+
+    A DataError raised in a worker process comes back with its own one-line message (the
+    DataLoader wraps it in a multi-line "Caught DataError in DataLoader worker" text).
+    """
+    workers = stream.num_workers
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+                                         prefetch_factor=4 if workers else None)
+    batches = iter(loader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except DataError as e:
+            lines = [line for line in str(e).splitlines() if line.strip()]
+            if len(lines) > 1 and lines[0].startswith("Caught "):
+                raise DataError(lines[-1].split("DataError: ", 1)[-1]) from None
+            raise
+        yield batch

@@ -1,0 +1,466 @@
+"""The training loop: `python -m trainer train --config configs/train/default.toml --data DIR --out DIR`.
+
+Reads top to bottom like nanoGPT's: set up (devices, DDP, data, model, optimizer, resume), then one
+loop over steps — lr from a pure function of the step, forward, loss, NaN check, backward, clip,
+optimizer step, log, validate every val_every steps, checkpoint every ckpt_every steps — and stop
+at train.steps. It counts steps, not epochs: the stream of batches is endless and resampled.
+
+Exact resume: batch s of rank r is a pure function of (seed, r, s) (see trainer/data.py), the lr
+a pure function of s, and nothing in the loop draws from a random state, so ``--resume`` from the
+checkpoint of step s continues with the very batches and updates a straight run would make.
+
+Run folder (only rank 0 writes): config.toml (the resolved config; ``--config`` reads it back),
+last.pt (every ckpt_every steps and at the end), best.pt (best mean validation PSNR over
+val_frames), tb/ (TensorBoard), summary.json (at the end). Checkpoints are written to a temporary
+file and renamed, so a crash never leaves a half-written one, and hold only what
+``torch.load(weights_only=True)`` accepts.
+
+DDP: ``torchrun --nproc_per_node=K -m trainer train ...``; NCCL on CUDA, gloo on CPU, set up from
+the environment torchrun provides. Each rank reads its own shards; batch_size is per rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from pipeline.config import ConfigError
+from trainer import data as data_mod
+from trainer.baselines import mean_frames
+from trainer.config import TrainConfig, TrainSection, load_train_config, to_dict, to_toml
+from trainer.losses import burst_loss
+from trainer.metrics import psnr, psnr_batch
+from trainer.model import build_model
+
+DEFAULT_CONFIG = "configs/train/default.toml"
+DEFAULT_OUT = "runs/default"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss (or a validation output) became NaN or inf; training stopped."""
+
+
+def lr_at(step: int, t: TrainSection) -> float:
+    """Learning rate of update ``step`` (0-based): linear warmup, then lr · lr_decay^step."""
+    warm = min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps > 0 else 1.0
+    return t.lr * warm * t.lr_decay**step
+
+
+# ----------------------------------------------------------------------------- setup helpers
+
+
+def setup_distributed(device_kind: str) -> tuple[int, int, int]:
+    """(rank, world_size, local_rank); joins the process group when torchrun started us."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device_kind == "cuda":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
+    return rank, world, local_rank
+
+
+def resolve_device(t: TrainSection) -> str:
+    if t.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device = 'cuda' but no CUDA device is available")
+    if t.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return t.device
+
+
+def to_device(batch: dict, device: torch.device, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 burst (B, n, H, W, 3) and target (B, H, W, 3) -> float on ``device`` in [0, 1]:
+    burst (B, n, 3, H, W), target (B, 3, H, W). The conversion runs on the device."""
+    burst = batch["burst"].to(device, non_blocking=True).permute(0, 1, 4, 2, 3).float().div_(255)
+    target = batch["target"].to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+    if not channels_last:  # the permuted views are channels-last in memory already
+        burst, target = burst.contiguous(), target.contiguous()
+    return burst, target
+
+
+def save_atomic(obj: dict, path: Path) -> None:
+    """torch.save to a temporary file in the same folder, then rename over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def params_digest(model: torch.nn.Module) -> str:
+    """sha256 of every parameter's bytes: equal digests mean bitwise-equal weights."""
+    h = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def fmt_seconds(s: float) -> str:
+    s = int(max(0, s))
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def baseline_psnr(val: dict, lengths: list[int]) -> dict[int, float]:
+    """Mean PSNR of the mean of the first n frames, per n: the bar the network must clear."""
+    out = {}
+    for n in lengths:
+        scores = [psnr(mean_frames(b[:n] / 255.0), t / 255.0) for b, t in zip(val["burst"], val["target"])]
+        out[n] = float(np.mean(scores))
+    return out
+
+
+@torch.no_grad()
+def validate(model: torch.nn.Module, val: dict, lengths: list[int], batch_size: int, device: torch.device,
+             autocast, channels_last: bool, keep: int = 0) -> tuple[dict[int, dict], dict[int, torch.Tensor]]:
+    """Loss and PSNR of ``model`` on the fixed validation set, for each burst length n (first n frames).
+
+    Returns ({n: {"loss": float, "psnr": float}}, {n: first ``keep`` outputs, float (k, 3, H, W) CPU}).
+    PSNR is per image on the output clamped to [0, 1], then averaged. Raises TrainingDiverged when
+    an output is not finite.
+    """
+    was_training = model.training
+    model.eval()
+    results, kept = {}, {}
+    count = len(val["keys"])
+    for n in lengths:
+        loss_sum, scores, outputs = 0.0, [], []
+        for i in range(0, count, batch_size):
+            batch = {"burst": torch.from_numpy(val["burst"][i:i + batch_size, :n]),
+                     "target": torch.from_numpy(val["target"][i:i + batch_size])}
+            burst, target = to_device(batch, device, channels_last)
+            with autocast():
+                pred = model(burst)
+            pred = pred.float()
+            if not torch.isfinite(pred).all():
+                raise TrainingDiverged(f"validation output with {n} frames is not finite")
+            loss_sum += burst_loss(pred, target).item() * len(target)
+            scores.append(psnr_batch(pred.clamp(0, 1), target).cpu())
+            if sum(len(o) for o in outputs) < keep:
+                outputs.append(pred.clamp(0, 1).cpu())
+        results[n] = {"loss": loss_sum / count, "psnr": torch.cat(scores).clamp(max=100.0).mean().item()}
+        if keep:
+            kept[n] = torch.cat(outputs)[:keep]
+    model.train(was_training)
+    return results, kept
+
+
+def image_grid(val: dict, outputs: torch.Tensor, n: int) -> torch.Tensor:
+    """Rows of [target | output | frame 1 .. frame n] for the first samples: float (3, H', W') in [0, 1]."""
+    rows = []
+    for i, out in enumerate(outputs):
+        target = torch.from_numpy(val["target"][i]).permute(2, 0, 1).float() / 255
+        frames = [torch.from_numpy(f).permute(2, 0, 1).float() / 255 for f in val["burst"][i, :n]]
+        rows.append(torch.cat([target, out] + frames, dim=2))
+    return torch.cat(rows, dim=1)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, log=print) -> dict:
+    """Train ``cfg`` into ``out_dir`` (resuming from its last.pt when ``resume``); return the summary.
+
+    The summary (also written to out_dir/summary.json) holds the final step, best and last
+    validation results, the mean-of-frames baseline, skip counts, the shards each rank read and
+    a digest of each rank's final weights.
+    """
+    t = cfg.train
+    out_dir = Path(out_dir)
+    # ---- everything that can be wrong with the inputs is checked before any work
+    manifest = data_mod.read_manifest(cfg.data.dir)
+    data_mod.check_against_manifest(cfg, manifest)
+    device_kind = resolve_device(t)
+    ckpt = None
+    if resume:
+        if not (out_dir / "last.pt").is_file():
+            raise FileNotFoundError(f"nothing to resume: {out_dir / 'last.pt'} does not exist")
+        ckpt = torch.load(out_dir / "last.pt", map_location="cpu", weights_only=True)
+        if ckpt["config"]["model"] != to_dict(cfg)["model"]:
+            raise ConfigError(f"[model] differs from the one in {out_dir / 'last.pt'}; a resumed run keeps its model")
+        if ckpt["step"] > t.steps:
+            raise ConfigError(f"train.steps ({t.steps}) is below the checkpoint's step ({ckpt['step']})")
+    elif (out_dir / "last.pt").exists():
+        raise FileExistsError(f"{out_dir} already holds a run (last.pt); pass --resume to continue it, or choose another --out")
+
+    threads = torch.get_num_threads()
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    rank, world, local_rank = setup_distributed(device_kind)
+    try:
+        return _train(cfg, out_dir, ckpt, manifest, device_kind, rank, world, local_rank, log)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: TrainConfig, out_dir: Path, ckpt: dict | None, manifest: dict, device_kind: str,
+           rank: int, world: int, local_rank: int, log) -> dict:
+    t = cfg.train
+    master = rank == 0
+    device = torch.device(f"cuda:{local_rank}" if device_kind == "cuda" else "cpu")
+    use_bf16 = t.amp == "bf16" or (t.amp == "auto" and device_kind == "cuda")
+    channels_last = t.channels_last == "on" or (t.channels_last == "auto" and device_kind == "cuda")
+
+    def autocast():
+        return torch.autocast(device_kind, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+
+    def say(message: str) -> None:
+        if master:
+            log(message)
+
+    # ---- model and optimizer (the same init on every rank; DDP broadcasts rank 0's anyway)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(t.seed)
+        model = build_model(cfg.model)
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer_cls = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam}[t.optimizer]
+    optimizer = optimizer_cls(model.parameters(), lr=t.lr)
+    step, best_psnr = 0, -math.inf
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step, best_psnr = int(ckpt["step"]), float(ckpt["best_val_psnr"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        old = ckpt.get("data", {})
+        if (old.get("world_size"), old.get("readers_per_rank")) != (world, max(1, t.num_workers)):
+            say(f"note: the checkpoint was trained with {old.get('world_size')} rank(s) × "
+                f"{old.get('readers_per_rank')} reader(s), this run uses {world} × {max(1, t.num_workers)}: "
+                "the batches from here on differ from an uninterrupted run")
+    start_step = step
+    train_model = DDP(model, device_ids=[local_rank] if device_kind == "cuda" else None) if world > 1 else model
+    if t.compile:
+        train_model = torch.compile(train_model)
+    n_params = sum(p.numel() for p in model.parameters())
+
+    # ---- data: an endless stream cut at t.steps; a fixed validation set on rank 0
+    stream = data_mod.TrainStream(
+        cfg.data.dir, cfg.data.train, steps=t.steps, batch_size=t.batch_size, seed=t.seed, crop=t.crop,
+        min_frames=t.min_frames, max_frames=t.max_frames, shuffle_buffer=t.shuffle_buffer,
+        num_workers=t.num_workers, rank=rank, world_size=world, start_step=step, on_bad_shard=t.on_bad_shard)
+    batches = data_mod.train_loader(stream, pin_memory=device_kind == "cuda")  # a generator of batches
+    val, baseline, writer = None, {}, None
+    if master:
+        val = data_mod.load_val_set(cfg.data.dir, cfg.data.val, t.val_samples)
+        baseline = baseline_psnr(val, t.val_frames)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.toml").write_text(to_toml(to_dict(cfg)))
+        from torch.utils.tensorboard import SummaryWriter  # imported late: it is slow to import
+        writer = SummaryWriter(log_dir=str(out_dir / "tb"))
+
+    say(f"{'resuming at' if ckpt else 'training from'} step {step}/{t.steps} on {device_kind}"
+        f"{f' × {world} ranks' if world > 1 else ''}: {n_params / 1e6:.2f}M parameters, batch {t.batch_size}"
+        f"{' per rank' if world > 1 else ''}, crop {t.crop}, {t.min_frames}..{t.max_frames} frames, "
+        f"{'bf16' if use_bf16 else 'fp32'}; data {cfg.data.dir} ({stream.note}); run {out_dir}")
+    say("validation PSNR of the mean of the frames: "
+        + ", ".join(f"{n} fr {p:.2f} dB" for n, p in baseline.items()))
+
+    def checkpoint(path: Path, val_results: dict | None) -> None:
+        save_atomic({
+            "model": model.state_dict(),  # the bare module: no DDP/compile prefixes
+            "config": to_dict(cfg),
+            "optimizer": optimizer.state_dict(),
+            "step": step,
+            "best_val_psnr": best_psnr,
+            "val": {str(n): r for n, r in (val_results or {}).items()},
+            # nothing in the loop draws from these (batches come from (seed, rank, step)); kept so
+            # that code added later which does (dropout, say) resumes exactly too
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if device_kind == "cuda" else []},
+            "data": {"manifest_hash": str(manifest.get("config_hash", "")), "world_size": world,
+                     "readers_per_rank": max(1, t.num_workers)},
+        }, path)
+
+    # ---- the loop
+    seen_shards: set[str] = set()
+    skipped: dict[int, tuple[int, int]] = {}
+    last_val: dict = {}
+    validations = 0
+    loss_sum, loss_count = 0.0, 0
+    t_start = t_log = time.time()
+    samples_since = 0
+    try:
+        while step < t.steps:
+            batch = next(batches)
+            if batch["step"] != step:  # the data stream and the loop must agree for exact resume
+                raise RuntimeError(f"data stream out of order: batch for step {batch['step']} at step {step}")
+            seen_shards.update(batch["shards"])
+            skipped[batch["reader"]] = (batch["skipped_shards"], batch["skipped_samples"])
+
+            lr = lr_at(step, t)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            burst, target = to_device(batch, device, channels_last)
+            with autocast():
+                pred = train_model(burst)
+            loss = burst_loss(pred, target)
+
+            # the mean over ranks: every rank takes the same decision below
+            loss_value = loss.detach().clone()
+            if world > 1:
+                dist.all_reduce(loss_value, op=dist.ReduceOp.AVG if device_kind == "cuda" else dist.ReduceOp.SUM)
+                if device_kind != "cuda":
+                    loss_value /= world
+            loss_value = loss_value.item()
+            if not math.isfinite(loss_value):
+                where = (f"the last good checkpoint is {out_dir / 'last.pt'}" if (out_dir / "last.pt").exists()
+                         else "no checkpoint was written yet")
+                raise TrainingDiverged(f"loss is {loss_value} at step {step}; stopped ({where})")
+
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip) if t.grad_clip > 0 else None
+            optimizer.step()
+            step += 1
+            loss_sum += loss_value
+            loss_count += 1
+            samples_since += len(target) * world
+
+            if step % t.log_every == 0 or step == t.steps:
+                now = time.time()
+                rate = samples_since / max(now - t_log, 1e-9)
+                eta = (now - t_start) / (step - start_step) * (t.steps - step)
+                skip_shards = sum(s for s, _ in skipped.values())
+                skip_samples = sum(s for _, s in skipped.values())
+                say(f"step {step}/{t.steps} | loss {loss_sum / loss_count:.4f} | lr {lr:.2e} | "
+                    f"{rate:.1f} samples/s | eta {fmt_seconds(eta)}"
+                    + (f" | skipped {skip_shards} shard(s), {skip_samples} sample(s)" if skip_shards + skip_samples else ""))
+                if writer:
+                    writer.add_scalar("train/loss", loss_sum / loss_count, step)
+                    writer.add_scalar("train/lr", lr, step)
+                    writer.add_scalar("train/samples_per_s", rate, step)
+                    if grad_norm is not None:
+                        writer.add_scalar("train/grad_norm", grad_norm.item(), step)
+                loss_sum, loss_count, samples_since = 0.0, 0, 0
+                t_log = time.time()
+
+            if master and (step % t.val_every == 0 or step == t.steps):
+                validations += 1
+                want_images = t.image_every > 0 and (validations - 1) % t.image_every == 0
+                keep = min(t.image_samples, t.val_samples) if want_images else 0
+                last_val, outputs = validate(model, val, t.val_frames, t.batch_size, device, autocast,
+                                             channels_last, keep)
+                mean_psnr = float(np.mean([r["psnr"] for r in last_val.values()]))
+                improved = mean_psnr > best_psnr
+                best_psnr = max(best_psnr, mean_psnr)
+                say(f"val step {step}: " + ", ".join(
+                    f"{n} fr {r['psnr']:.2f} dB (mean of frames {baseline[n]:.2f})" for n, r in last_val.items())
+                    + f" | mean {mean_psnr:.2f} dB{' (best)' if improved else ''}")
+                for n, r in last_val.items():
+                    writer.add_scalar(f"val/loss_{n}fr", r["loss"], step)
+                    writer.add_scalar(f"val/psnr_{n}fr", r["psnr"], step)
+                    writer.add_scalar(f"val/psnr_mean_of_frames_{n}fr", baseline[n], step)
+                writer.add_scalar("val/psnr_mean", mean_psnr, step)
+                for n, images in outputs.items():
+                    writer.add_image(f"val/{n}fr_target_output_frames", image_grid(val, images, n), step)
+                writer.flush()
+                if improved:
+                    checkpoint(out_dir / "best.pt", last_val)
+                t_log = time.time()  # validation time is not training throughput
+
+            if master and (step % t.ckpt_every == 0 or step == t.steps):
+                checkpoint(out_dir / "last.pt", last_val)
+                t_log = time.time()
+    finally:
+        batches.close()  # shuts the loader's workers down
+        if writer:
+            writer.close()
+
+    # ---- the end: what each rank read and whether all ranks hold the same weights
+    mine = {"rank": rank, "shards": sorted(seen_shards), "digest": params_digest(model),
+            "skipped_shards": sum(s for s, _ in skipped.values()),
+            "skipped_samples": sum(s for _, s in skipped.values())}
+    everyone = [mine]
+    if world > 1:
+        everyone = [None] * world
+        dist.all_gather_object(everyone, mine)
+    summary = {
+        "step": step, "start_step": start_step, "world_size": world, "seconds": round(time.time() - t_start, 1),
+        "best_val_psnr": best_psnr if math.isfinite(best_psnr) else None, "val": {str(n): r for n, r in last_val.items()},
+        "val_mean_of_frames": {str(n): p for n, p in baseline.items()},
+        "skipped": {"shards": sum(e["skipped_shards"] for e in everyone),
+                    "samples": sum(e["skipped_samples"] for e in everyone)},
+        "shards_read": {str(e["rank"]): e["shards"] for e in everyone},
+        "weights_digest": {str(e["rank"]): e["digest"] for e in everyone},
+        "readers": stream.note,
+    }
+    if master:
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        say(f"done: step {step}, best validation PSNR {best_psnr:.2f} dB, {fmt_seconds(summary['seconds'])}; "
+            f"checkpoints in {out_dir}")
+    if len(set(summary["weights_digest"].values())) > 1:
+        raise RuntimeError(f"ranks ended with different weights: {summary['weights_digest']}")
+    return summary
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m trainer train",
+        description="Train the burst deblurring network on rendered shards. "
+                    "Multi-GPU: torchrun --nproc_per_node=K -m trainer train ...")
+    p.add_argument("--config", default=None,
+                   help=f"train config TOML (default: {DEFAULT_CONFIG}; with --resume: the checkpoint's config)")
+    p.add_argument("--data", default=None, help="dataset folder written by `python -m pipeline render` (sets data.dir)")
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"run folder for checkpoints and logs (default: {DEFAULT_OUT})")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value, e.g. --set train.steps=500 (repeatable)")
+    return p
+
+
+def resolve_config(args: argparse.Namespace) -> TrainConfig:
+    """The config of this run: --config (or, resuming without --config, the checkpoint's) + --set + --data."""
+    overrides = list(args.overrides) + ([f"data.dir={json.dumps(str(args.data))}"] if args.data else [])
+    if args.resume and args.config is None:
+        path = Path(args.out) / "last.pt"
+        if not path.is_file():
+            raise FileNotFoundError(f"nothing to resume: {path} does not exist")
+        base = torch.load(path, map_location="cpu", weights_only=True)["config"]
+        return load_train_config(None, overrides, base=base)
+    return load_train_config(args.config or DEFAULT_CONFIG, overrides)
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = resolve_config(args)
+        train(cfg, args.out, resume=args.resume)
+    except (ConfigError, ValueError, FileNotFoundError, OSError) as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"interrupted; the last checkpoint in {args.out} (if any) is intact", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
