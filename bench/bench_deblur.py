@@ -1,0 +1,131 @@
+"""Speed of `python -m trainer deblur`: alignment and tiled inference, seconds per megapixel per frame.
+
+    .venv/bin/python bench/bench_deblur.py                           # CPU: 1 MP x 4 frames, width 16 and 64
+    .venv/bin/python bench/bench_deblur.py --device cuda --megapixels 12 --frames 8 --widths 64 \
+        [--precision bf16] [--batch 2]                               # the 12 MP x 8 target (< 10 s on an H100)
+
+A synthetic burst (a photograph upscaled to the requested size, each frame shifted by a few
+pixels, blurred differently and noisy, uint8) goes through the same functions the command uses:
+``align_burst`` (pyramid phase correlation + Lucas-Kanade homography, full-resolution warp) and
+``run_tiled`` (the model on overlapping tiles, automatic overlap). The model has random weights:
+speed does not depend on them. Warm-up (receptive-field probe, first forward pass, cuDNN
+autotuning) is excluded. Prints one row per model width: seconds for each stage, s/MP/frame,
+tiles, peak GPU memory. Wall clock (time.perf_counter); on a shared machine, the CPU figures are
+upper bounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import skimage.data
+import torch
+from scipy.ndimage import gaussian_filter, map_coordinates, zoom
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from trainer.deblur import align_burst, auto_overlap, resolve_device, run_tiled, tile_starts  # noqa: E402
+from trainer.model import ModelConfig, build_model  # noqa: E402
+
+
+def synthetic_burst(megapixels: float, frames: int, seed: int = 0) -> tuple[list[np.ndarray], np.ndarray]:
+    """``frames`` RGB uint8 views (4:3) of one scene: sub-pixel shifts, per-frame blur, noise.
+
+    Returns (frames, shifts float (frames, 2) as (dx, dy)): frame i shows scene(x + shift_i)."""
+    rng = np.random.default_rng(seed)
+    width = int(round(np.sqrt(megapixels * 1e6 * 4 / 3) / 8)) * 8
+    height = int(round(width * 3 / 4 / 8)) * 8
+    photo = skimage.data.astronaut().astype(np.float32)
+    scale = max(height, width) / 480 + 0.05
+    base = zoom(photo, (scale, scale, 1), order=1)  # a margin for the shifts
+    out, shifts = [], []
+    for _ in range(frames):
+        dy, dx = rng.uniform(-6, 6, size=2) + 8
+        shifts.append((dx, dy))
+        ys = np.arange(height, dtype=np.float32)[:, None] + dy
+        xs = np.arange(width, dtype=np.float32)[None, :] + dx
+        yy, xx = np.broadcast_arrays(ys, xs)
+        frame = np.empty((height, width, 3), np.float32)
+        for c in range(3):
+            sampled = map_coordinates(base[..., c], [yy, xx], order=1)
+            frame[..., c] = gaussian_filter(sampled, rng.uniform(0.3, 2.0))
+        frame += rng.normal(0, 2.0, frame.shape).astype(np.float32)
+        out.append(np.clip(np.rint(frame), 0, 255).astype(np.uint8))
+    return out, np.array(shifts)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", help="cpu | cuda | auto (default: cpu)")
+    p.add_argument("--megapixels", type=float, default=1.0, help="image size, 4:3 (default: 1)")
+    p.add_argument("--frames", type=int, default=4, help="frames in the burst (default: 4)")
+    p.add_argument("--widths", default="16,64",
+                   help="model widths; 64 = the paper-size model; 'none' = alignment only (default: 16,64)")
+    p.add_argument("--tile", type=int, default=512)
+    p.add_argument("--batch", type=int, default=0, help="tiles per pass (default: 2 on CUDA, 1 on CPU)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--no-align", action="store_true", help="time the model only")
+    args = p.parse_args(argv)
+
+    device = resolve_device(args.device)
+    batch = args.batch or (2 if device.type == "cuda" else 1)
+    t0 = time.perf_counter()
+    burst, shifts = synthetic_burst(args.megapixels, args.frames)
+    h, w = burst[0].shape[:2]
+    mp = h * w / 1e6
+    print(f"burst: {args.frames} frames of {w}x{h} ({mp:.2f} MP), made in {time.perf_counter() - t0:.1f} s; "
+          f"device {device}, {torch.get_num_threads()} CPU threads, tile {args.tile}, batch {batch}, {args.precision}")
+
+    align_s = 0.0
+    aligned = burst
+    if not args.no_align:
+        t0 = time.perf_counter()
+        aligned, ref, alignments = align_burst(burst)
+        align_s = time.perf_counter() - t0
+        # frame i(x + s_ref - s_i) = frame ref(x): the true shift of the centre
+        errors = [np.hypot(*(np.array(a.shift) - (shifts[ref] - shifts[i])))
+                  for i, a in enumerate(alignments) if a is not None]
+        print(f"alignment (reference: frame {ref}): {align_s:.2f} s = {align_s / mp / args.frames:.3f} s/MP/frame, "
+              f"centre shift error max {max(errors, default=0):.3f} px")
+
+    header = (f"{'width':>5} {'params':>8} {'overlap':>7} {'tiles':>5} {'align s':>8} {'model s':>8} "
+              f"{'total s':>8} {'model s/MP/fr':>13} {'total s/MP/fr':>13} {'peak GPU GB':>11}")
+    rows = []
+    widths = [] if args.widths == "none" else [int(x) for x in args.widths.split(",")]
+    for width in widths:
+        cfg = ModelConfig(width=width)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = build_model(cfg).to(device).eval()
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        overlap = auto_overlap(cfg)  # warm-up: the receptive-field probe is cached
+        tiles = (len(tile_starts(h, args.tile, overlap, cfg.multiple))
+                 * len(tile_starts(w, args.tile, overlap, cfg.multiple)))
+        warm = [f[: min(h, args.tile), : min(w, args.tile)] for f in aligned]
+        run_tiled(model, warm, args.tile, overlap, device, batch, args.precision)  # warm-up pass
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        sync(device)
+        t0 = time.perf_counter()
+        run_tiled(model, aligned, args.tile, overlap, device, batch, args.precision)
+        sync(device)
+        model_s = time.perf_counter() - t0
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+        total = align_s + model_s
+        rows.append(f"{width:>5} {params:>7.2f}M {overlap:>7} {tiles:>5} {align_s:>8.2f} {model_s:>8.2f} {total:>8.2f} "
+                    f"{model_s / mp / args.frames:>13.3f} {total / mp / args.frames:>13.3f} {peak:>11.2f}")
+        print(rows[-1] if len(rows) > 1 else header + "\n" + rows[-1], flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""The evaluation command on the tiny real dataset: outputs, consistency, determinism, bad inputs."""
+
+import csv
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from trainer import evaluate
+from trainer.evaluate import METHODS, format_table, frame_subset, interval
+from trainer.model import ModelConfig, build_model
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    # module init draws from the global generator: seed it inside fork_rng to leave it untouched
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(width=8))
+    path = tmp_path_factory.mktemp("run") / "best.pt"
+    torch.save({"model": model.state_dict(), "config": {"model": dataclasses.asdict(model.cfg)}}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny_shards, checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval")
+    args = ["--checkpoint", str(checkpoint), "--data", str(tiny_shards), "--split", "test", "--out", str(out),
+            "--frames", "1,2,4", "--device", "cpu", "--batch", "3", "--examples", "2", "--quiet"]
+    assert evaluate.main(args) == 0
+    return out
+
+
+def read_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_outputs_and_their_consistency(evaluated):
+    rows = read_rows(evaluated / "metrics.csv")
+    assert list(rows[0]) == ["key", "method", "frames", "subset", "psnr", "ssim"]
+    keys = sorted({r["key"] for r in rows})
+    assert len(keys) == 8 and all(k.startswith("test-") for k in keys)
+    assert len(rows) == 8 * len(METHODS) * 3
+    by = {(r["key"], r["method"], int(r["frames"])): r for r in rows}
+    assert len(by) == len(rows)  # one row per (sample, method, N)
+    for key in keys:
+        for n in (1, 2, 4):
+            cells = [by[key, m, n] for m in METHODS]
+            assert len({c["subset"] for c in cells}) == 1  # every method saw the same frames
+            subset = [int(i) for i in cells[0]["subset"].split()]
+            assert len(subset) == n == len(set(subset)) and all(0 <= i < 4 for i in subset)
+            psnrs = {m: float(by[key, m, n]["psnr"]) for m in METHODS}
+            assert psnrs["best"] >= psnrs["first"] - 1e-3  # the oracle can't lose to a fixed pick
+            if n == 1:  # one frame: mean, first, best and FBA are that frame
+                assert psnrs["mean"] == psnrs["first"] == psnrs["best"]
+                assert psnrs["fba"] == pytest.approx(psnrs["first"], abs=1e-3)
+            for m in METHODS:
+                assert 5 < psnrs[m] < 60 and -1 <= float(by[key, m, n]["ssim"]) <= 1
+
+    summary = json.loads((evaluated / "summary.json").read_text())
+    assert summary["samples"] == 8 and summary["frames"] == [1, 2, 4] and summary["split"] == "test"
+    for m in METHODS:
+        for n in (1, 2, 4):
+            values = [float(by[k, m, n]["psnr"]) for k in keys]
+            stats = summary["methods"][m][str(n)]["psnr"]
+            assert stats["mean"] == pytest.approx(np.mean(values), abs=1e-3)  # CSV keeps 4 decimals
+            assert stats["lo"] < stats["mean"] < stats["hi"]
+    diff = summary["differences"]["model-fba"]["4"]["psnr"]["mean"]
+    assert diff == pytest.approx(summary["methods"]["model"]["4"]["psnr"]["mean"]
+                                 - summary["methods"]["fba"]["4"]["psnr"]["mean"], abs=1e-9)
+
+    for name in ("psnr_vs_frames.png", "examples.png"):
+        with Image.open(evaluated / name) as im:
+            assert im.format == "PNG" and im.width > 300 and im.height > 200
+
+
+def test_rerun_is_identical_and_seed_changes_subsets(evaluated, tiny_shards, checkpoint, tmp_path):
+    base = ["--checkpoint", str(checkpoint), "--data", str(tiny_shards), "--frames", "1,2,4",
+            "--device", "cpu", "--examples", "0", "--quiet"]
+    assert evaluate.main([*base, "--out", str(tmp_path / "a"), "--batch", "8"]) == 0  # other batching
+    assert (tmp_path / "a" / "metrics.csv").read_text() == (evaluated / "metrics.csv").read_text()
+    assert evaluate.main([*base, "--out", str(tmp_path / "b"), "--seed", "1", "--frames", "2"]) == 0
+    subsets_b = {r["key"]: r["subset"] for r in read_rows(tmp_path / "b" / "metrics.csv")}
+    subsets_a = {r["key"]: r["subset"] for r in read_rows(evaluated / "metrics.csv") if r["frames"] == "2"}
+    assert subsets_a != subsets_b
+
+
+def test_printed_table(evaluated):
+    summary = json.loads((evaluated / "summary.json").read_text())
+    table = format_table(summary).splitlines()
+    assert table[0].split() == ["PSNR", "N=1", "N=2", "N=4"]
+    assert [line.split()[0] for line in table[1:6]] == list(METHODS)
+    model_row = [float(x) for x in table[1].split()[1:]]
+    expected = [summary["methods"]["model"][n]["psnr"]["mean"] for n in ("1", "2", "4")]
+    assert model_row == pytest.approx(expected, abs=0.006)
+
+
+def test_frame_subset_is_a_fixed_function_of_seed_sample_n():
+    a = frame_subset(0, 3, 4, 8)
+    np.testing.assert_array_equal(a, frame_subset(0, 3, 4, 8))
+    assert len(set(a.tolist())) == 4 and a.min() >= 0 and a.max() < 8
+    assert sorted(frame_subset(0, 3, 8, 8).tolist()) == list(range(8))
+    draws = {tuple(frame_subset(s, i, 3, 8)) for s in range(3) for i in range(5)}
+    assert len(draws) > 10  # seeds and samples give different subsets
+
+
+def test_interval():
+    stats = interval([1.0, 2.0, 3.0, 4.0])
+    half = 1.959963984540054 * np.std([1, 2, 3, 4], ddof=1) / 2
+    assert stats["mean"] == 2.5 and stats["n"] == 4
+    assert stats["lo"] == pytest.approx(2.5 - half) and stats["hi"] == pytest.approx(2.5 + half)
+    assert interval([5.0])["lo"] is None and interval([5.0])["mean"] == 5.0
+    assert interval([1.0, math.inf])["mean"] is None
+
+
+def test_bad_inputs(tiny_shards, checkpoint, tmp_path):
+    ok = ["--checkpoint", str(checkpoint), "--data", str(tiny_shards), "--out", str(tmp_path / "e"), "--quiet"]
+    with pytest.raises(ValueError, match="not a burst-deblur checkpoint"):
+        evaluate.main(["--checkpoint", str(tmp_path / "missing.pt"), *ok[2:]])
+    torch.save({"state": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a burst-deblur checkpoint"):
+        evaluate.main(["--checkpoint", str(tmp_path / "other.pt"), *ok[2:]])
+    with pytest.raises(FileNotFoundError, match="data folder not found"):
+        evaluate.main([*ok[:2], "--data", str(tmp_path / "nodata"), *ok[4:]])
+    with pytest.raises(ValueError, match="no split 'nope'"):
+        evaluate.main([*ok, "--split", "nope"])
+    with pytest.raises(ValueError, match="stores 4 frames"):
+        evaluate.main([*ok, "--frames", "1,5"])
+    with pytest.raises(ValueError, match="comma-separated integers"):
+        evaluate.main([*ok, "--frames", "1,x"])
+    assert not (tmp_path / "e").exists()  # nothing written before the inputs were checked
