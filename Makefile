@@ -41,8 +41,10 @@ inspect: $(STAMP)
 verify: $(STAMP)
 	$(BIN)/python -m pipeline verify $(DATA)
 
+# A second `make train` resumes the run in $(RUN) (and does nothing if it is finished).
 train: $(STAMP)
-	$(BIN)/python -m trainer train --config $(TRAIN_CONFIG) --data $(DATA) --out $(RUN)
+	$(BIN)/python -m trainer train --config $(TRAIN_CONFIG) --data $(DATA) --out $(RUN) \
+		$(if $(wildcard $(RUN)/last.pt),--resume)
 
 eval: $(STAMP)
 	$(BIN)/python -m trainer evaluate --checkpoint $(RUN)/best.pt --data $(DATA) --split test --out $(RUN)/eval
@@ -54,6 +56,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_render.py
+	$(BIN)/python bench/bench_train.py --device cpu --batch 2 --size 64 --width 16 --steps 3
+	$(BIN)/python bench/bench_deblur.py
 
 clean:
 	rm -rf $(VENV)

@@ -21,7 +21,7 @@ samples/s to compare configurations. "fp32" on CUDA means PyTorch's defaults, un
 convolutions may use TF32 (torch.backends.cudnn.allow_tf32 is True).
 
     python bench/bench_train.py --device cpu --batch 2 --size 64 --width 16 --steps 3
-    python bench/bench_train.py --device cuda --compile --json bench/train_h100.json
+    python bench/bench_train.py --device cuda --compile --data shards/default --json bench/train_h100.json
 """
 
 from __future__ import annotations
@@ -45,13 +45,23 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from trainer.losses import burst_loss  # noqa: E402
+from trainer.data import TrainStream, train_loader  # noqa: E402
 from trainer.model import ModelConfig, build_model  # noqa: E402
+from trainer.train import to_device  # noqa: E402
+
+
+def is_channels_last_model(model: torch.nn.Module) -> bool:
+    p = next(model.parameters())
+    return p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
 
 CONFIGS = {
     # name: (fused, bf16 autocast, channels_last, compile) -- compile only with --compile
     "plain": dict(fused=False, bf16=False, channels_last=False, compile=False),
     "fused": dict(fused=True, bf16=False, channels_last=False, compile=False),
     "ours": dict(fused=True, bf16=True, channels_last=True, compile=True),
+    # ours, fed by trainer.data.TrainStream from real shards (--data): loading, decoding,
+    # augmentation, the uint8 transfer and the float conversion on the device all count
+    "streamed": dict(fused=True, bf16=True, channels_last=True, compile=True),
 }
 
 
@@ -97,9 +107,13 @@ def time_steps(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, tor
     it: Iterator = iter(batches)
 
     def step() -> tuple[torch.Tensor, int]:
-        burst, target = next(it)
-        burst = burst.to(device, non_blocking=True)
-        target = target.to(device, non_blocking=True)
+        item = next(it)
+        if isinstance(item, dict):  # a TrainStream batch: uint8 crosses, float conversion on the device
+            burst, target = to_device(item, device, is_channels_last_model(model))
+        else:
+            burst, target = item
+            burst = burst.to(device, non_blocking=True)
+            target = target.to(device, non_blocking=True)
         return train_step(model, optimizer, burst, target, autocast_dtype), burst.shape[0]
 
     model.train()
@@ -186,8 +200,14 @@ def run_config(name: str, args: argparse.Namespace) -> dict:
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     step_model = torch.compile(model) if compiled else model
 
-    burst, target = synthetic_batch(args.batch, args.frames, args.size, args.seed)
-    batches = itertools.repeat((burst.to(device), target.to(device)))
+    if name == "streamed":
+        stream = TrainStream(args.data, "train", steps=args.warmup + args.steps, batch_size=args.batch,
+                             seed=args.seed, crop=args.size, min_frames=args.frames, max_frames=args.frames,
+                             shuffle_buffer=64, num_workers=args.workers)
+        batches = train_loader(stream, pin_memory=cuda)
+    else:
+        burst, target = synthetic_batch(args.batch, args.frames, args.size, args.seed)
+        batches = itertools.repeat((burst.to(device), target.to(device)))
     timing = time_steps(step_model, batches, optimizer=optimizer, steps=args.steps, warmup=args.warmup,
                         device=device, autocast_dtype=torch.bfloat16 if bf16 else None)
     return {
@@ -219,6 +239,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="comma-separated subset of plain,fused,ours (default: all that differ on this device)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", type=Path, default=None,
+                   help="a shard folder: adds the 'streamed' configuration (ours fed from the shards)")
+    p.add_argument("--workers", type=int, default=4, help="DataLoader workers of the streamed configuration")
     p.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the results here")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -233,7 +256,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.configs is None:
         # on CPU "fused" and "ours" are the same configuration
         args.configs = "plain,fused,ours" if args.device == "cuda" else "plain,ours"
+        if args.data is not None:
+            args.configs += ",streamed"
     args.configs = args.configs.split(",")
+    if "streamed" in args.configs and args.data is None:
+        p.error("the streamed configuration needs --data DIR (a rendered shard folder)")
     unknown = [c for c in args.configs if c not in CONFIGS]
     if unknown:
         p.error(f"--configs: unknown configuration '{unknown[0]}' (known: {', '.join(CONFIGS)})")

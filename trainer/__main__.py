@@ -1,5 +1,8 @@
 """`python -m trainer {train,evaluate,deblur} ...`: a thin dispatcher to each command's main(argv).
 
+User errors (bad config, missing files, bad input) from any command become one `error:` line on
+stderr and exit status 2.
+
 The command modules are imported only when called, so `python -m trainer deblur` does not pay
 for TensorBoard and `--help` of one command works even while another is broken.
 """
@@ -8,6 +11,8 @@ from __future__ import annotations
 
 import importlib
 import sys
+
+from pipeline.config import ConfigError
 
 COMMANDS = {
     "train": ("trainer.train", "train the network on rendered shards"),
@@ -30,7 +35,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{USAGE}\nerror: unknown command '{command}' (choose from {', '.join(COMMANDS)})", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[command][0])
-    return module.main(rest)
+    try:
+        return module.main(rest)
+    except (ConfigError, ValueError, FileNotFoundError, OSError) as e:  # user errors: one line
+        text = str(e).strip().splitlines()
+        print(f"error: {text[0] if text else type(e).__name__}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
