@@ -320,7 +320,7 @@ def main(argv=None) -> None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         report = {"device": device_name, "torch": torch.__version__, "args": {**vars(args), "json": str(args.json)},
                   "matmul_peak_flops": peak, "matmul_peak_label": peak_label, "results": rows}
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
         print(f"wrote {args.json}")
 
 
