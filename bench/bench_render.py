@@ -3,16 +3,21 @@ included, with 1 and 2 workers, against a straightforward generator run in the s
 
     .venv/bin/python bench/bench_render.py [--samples 1024] [--source deadleaves] [--json out.json]
 
-Prints three tables: (1) the stage profile of one core (where the time goes), (2) the
+Prints three tables: (1) the stage profile of one core (where the time goes: the steps of
+`imaging.degrade` timed one by one, encoding, and writing the members into a tar), with the minor
+page faults per burst (fresh pages from the allocator cost ~1 us each on this VM), (2) the
 straightforward baseline vs this pipeline's sample function on one core, (3) whole runs of
-`render_dataset` (local engine, and ray) with 1 and 2 workers, wall clock including pool start.
+`render_dataset` (local engine, and ray) with 1 and 2 workers, wall clock including pool start
+(which is ~1 s of a 1-worker local run: count it when comparing short runs).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline import imaging, kernels, render, shards, sources  # noqa: E402
 from pipeline.config import ShardConfig, from_dict, validate  # noqa: E402
-from pipeline.run import render_dataset  # noqa: E402
+from pipeline.run import render_dataset, start_ray  # noqa: E402
 
 
 def bench_config(samples: int, source: str) -> ShardConfig:
@@ -71,37 +76,68 @@ def rate(fn, n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def stage_profile(cfg: ShardConfig, src: sources.SourceList, n: int) -> dict[str, float]:
-    """Milliseconds per burst in each stage, on one core."""
-    t = dict.fromkeys(["canvas", "params+kernels", "linearize", "blur (FFT)", "noise", "re-gamma+quantize",
-                       "encode (npy+png+json)", "tar write"], 0.0)
-    tar_bytes = 0
-    for i in range(n):
-        s_rng, p_rng, n_rng = render.sample_streams(cfg, "train", i)
-        t0 = time.perf_counter()
-        canvas, info = sources.draw_canvas(s_rng, src, cfg.canvas, cfg.sources)
-        t1 = time.perf_counter()
-        params = render.sample_params(p_rng, cfg)
-        kern, traj, fit = kernels.build_kernels(params, cfg.kernels, cfg.dataset.kernel_size)
-        t2 = time.perf_counter()
-        lin = imaging.linearize(canvas, params["gamma"])
-        t3 = time.perf_counter()
-        frames = imaging.blur(lin, kern, cfg.dataset.size)
-        t4 = time.perf_counter()
-        frames = imaging.add_noise(frames, params["shot_noise"], params["read_noise"], n_rng,
-                                   params["noise_correlation_px"])
-        t5 = time.perf_counter()
-        burst = imaging.delinearize(frames, params["gamma"])
-        t6 = time.perf_counter()
-        sample = {"key": f"train-000000-{i:06d}", "burst": burst, "target": canvas[25:185, 25:185].copy(),
-                  "params": {"gamma": params["gamma"], "source": info}}
-        members = shards.sample_members(sample)
-        t7 = time.perf_counter()
-        tar_bytes += sum(len(d) for _, d in members)
-        t8 = time.perf_counter()
-        for key, dt in zip(t, [t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, t7 - t6, t8 - t7]):
-            t[key] += dt
-    return {k: 1e3 * v / n for k, v in t.items()}
+def stage_profile(cfg: ShardConfig, src: sources.SourceList, n: int) -> tuple[dict[str, float], float]:
+    """Milliseconds per burst in each stage on one core, and minor page faults per burst.
+
+    The degradation runs as ``imaging.degrade`` does (same calls, frame by frame after the
+    forward FFTs), with a clock around each step; encoding and tar writing are those of a shard.
+    """
+    stages = ["canvas", "params+kernels", "linearize", "blur (FFT)", "noise", "re-gamma+quantize",
+              "encode (npy+png+json)", "tar write"]
+    t = dict.fromkeys(stages, 0.0)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    K, size, m = cfg.dataset.kernel_size, cfg.dataset.size, cfg.margin
+    with tempfile.TemporaryFile() as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for i in range(n):
+            s_rng, p_rng, n_rng = render.sample_streams(cfg, "train", i)
+            clock = [time.perf_counter()]
+
+            def lap(stage: str) -> None:
+                clock.append(time.perf_counter())
+                t[stage] += clock[-1] - clock[-2]
+
+            canvas, info = sources.draw_canvas(s_rng, src, cfg.canvas, cfg.sources)
+            lap("canvas")
+            params = render.sample_params(p_rng, cfg)
+            kern, traj, fit = kernels.build_kernels(params, cfg.kernels, K)
+            lap("params+kernels")
+            gamma, white = params["gamma"], 255.0 ** params["gamma"]
+            planes, support = imaging.crop_to_support(canvas.transpose(2, 0, 1), kern)
+            linear = imaging.linearize(planes, gamma, white)
+            if params["highlight_gain"] > 1.0:
+                linear = imaging.boost_highlights(linear, cfg.imaging.highlight_threshold,
+                                                  params["highlight_gain"], white)
+            lap("linearize")
+            burst = np.empty((cfg.dataset.frames, size, size, 3), np.uint8)
+            scratch = np.empty((3, size, size), np.float32)
+            frames = imaging.blurred_frames(linear, support, size)
+            for f_idx in range(cfg.dataset.frames):
+                frame = next(frames)
+                lap("blur (FFT)")
+                noisy = imaging.add_noise(frame, params["shot_noise"], params["read_noise"], n_rng,
+                                          params["noise_correlation_px"], white, out=scratch)
+                lap("noise")
+                imaging.delinearize(noisy, gamma, white, out=burst[f_idx].transpose(2, 0, 1),
+                                    overwrite_input=True)
+                lap("re-gamma+quantize")
+            if i == 0:  # the clocked steps must stay what degrade does
+                same = imaging.degrade(canvas, kern, size, gamma, params["highlight_gain"],
+                                       cfg.imaging.highlight_threshold, params["shot_noise"],
+                                       params["read_noise"], params["noise_correlation_px"],
+                                       render.sample_streams(cfg, "train", i)[2])
+                if not np.array_equal(same, burst):
+                    raise RuntimeError("stage_profile no longer follows imaging.degrade: update it")
+                clock[-1] = time.perf_counter()
+            sample = {"key": f"train-000000-{i:06d}", "burst": burst,
+                      "target": np.ascontiguousarray(canvas[m:m + size, m:m + size]),
+                      "params": {"gamma": params["gamma"], "source": info}}
+            members = shards.sample_members(sample)
+            lap("encode (npy+png+json)")
+            for name, data in members:
+                shards.add_member(tar, name, data)
+            lap("tar write")
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    return {k: 1e3 * v / n for k, v in t.items()}, faults / n
 
 
 def main() -> None:
@@ -115,13 +151,15 @@ def main() -> None:
     src = sources.list_source(args.source, cfg.canvas)
     results: dict = {"config": "160x160, 8 frames, 51x51 kernels", "source": args.source}
 
-    prof = stage_profile(cfg, src, 100)
+    stage_profile(cfg, src, 10)  # warm up: imports, FFT plans, the normal table
+    prof, faults = stage_profile(cfg, src, 200)
     total = sum(prof.values())
-    print(f"\n(1) where the time goes, one core, ms per burst ({args.source})")
+    print(f"\n(1) where the time goes, one core, ms per burst ({args.source}, 200 bursts)")
     for k, v in prof.items():
         print(f"  {k:<24}{v:7.2f}  {100 * v / total:5.1f}%")
-    print(f"  {'total':<24}{total:7.2f}  -> {1e3 / total:.0f} bursts/s")
+    print(f"  {'total':<24}{total:7.2f}  -> {1e3 / total:.0f} bursts/s   ({faults:.0f} minor page faults per burst)")
     results["profile_ms"] = prof
+    results["page_faults_per_burst"] = faults
 
     big = bench_config(100_000, args.source)  # in-process rates need more indices than a run
 
@@ -139,21 +177,30 @@ def main() -> None:
     print(f"  this pipeline             {r_ours:8.1f}   ({r_ours / r_plain:.1f}x)")
     results["one_core"] = {"straightforward": r_plain, "ours": r_ours, "ratio": r_ours / r_plain}
 
-    print(f"\n(3) whole runs: {args.samples} bursts rendered, encoded and written (wall clock, pool start included)")
-    print(f"  {'engine':<8}{'workers':>8}{'bursts/s':>10}{'per core':>10}{'vs 1 worker':>13}")
+    print(f"\n(3) whole runs: {args.samples} bursts rendered, encoded and written (wall clock; the local"
+          " pool's start is included, Ray's own start is timed apart: a cluster is started once)")
+    print(f"  {'engine':<8}{'workers':>8}{'bursts/s':>10}{'per core':>10}{'vs 1 worker':>13}{'ray start s':>13}")
     results["runs"] = []
     for engine in args.engines.split(","):
         base = None
         for workers in (1, 2):
+            ray_start = None
+            if engine == "ray":
+                t0 = time.perf_counter()
+                ray = start_ray(workers)
+                ray_start = time.perf_counter() - t0
             with tempfile.TemporaryDirectory() as tmp:
                 t0 = time.perf_counter()
                 render_dataset(cfg, Path(tmp) / "d", workers=workers, engine=engine, progress=False)
                 dt = time.perf_counter() - t0
+            if engine == "ray":
+                ray.shutdown()
             r = args.samples / dt
             base = base or r
-            print(f"  {engine:<8}{workers:>8}{r:>10.1f}{r / workers:>10.1f}{r / base:>12.2f}x")
+            started = f"{ray_start:13.1f}" if ray_start is not None else f"{'-':>13}"
+            print(f"  {engine:<8}{workers:>8}{r:>10.1f}{r / workers:>10.1f}{r / base:>12.2f}x{started}")
             results["runs"].append({"engine": engine, "workers": workers, "bursts_per_s": r,
-                                    "per_core": r / workers, "speedup": r / base})
+                                    "per_core": r / workers, "speedup": r / base, "ray_start_s": ray_start})
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

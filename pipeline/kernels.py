@@ -73,17 +73,18 @@ def splat(points: np.ndarray, K: int) -> np.ndarray:
     (-(K//2), K//2)) into float64 (F, K, K) bitmaps normalized to sum 1. Row = y, column = x."""
     F, P, _ = points.shape
     c = K // 2
-    p = points + c
-    i0 = np.floor(p).astype(np.int64)
-    f = p - i0
-    x0, y0 = i0[..., 0], i0[..., 1]
-    fx, fy = f[..., 0], f[..., 1]
-    base = np.arange(F)[:, None] * K * K
-    idx = np.concatenate([base + y0 * K + x0, base + y0 * K + x0 + 1,
-                          base + (y0 + 1) * K + x0, base + (y0 + 1) * K + x0 + 1], axis=1)
-    w = np.concatenate([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], axis=1)
+    x = points[..., 0] + c
+    y = points[..., 1] + c
+    x0, y0 = np.floor(x), np.floor(y)
+    fx, fy = x - x0, y - y0
+    gx, gy = 1.0 - fx, 1.0 - fy
+    i = (y0 * K + x0).astype(np.intp)  # flat index of the top-left neighbour
+    i += (np.arange(F) * (K * K))[:, None]
+    idx = np.concatenate([i, i + 1, i + K, i + (K + 1)], axis=1)
+    w = np.concatenate([gx * gy, fx * gy, gx * fy, fx * fy], axis=1)
     out = np.bincount(idx.ravel(), weights=w.ravel(), minlength=F * K * K).reshape(F, K, K)
-    return out / out.sum(axis=(1, 2), keepdims=True)
+    out /= out.sum(axis=(1, 2), keepdims=True)
+    return out
 
 
 def build_kernels(params: dict, cfg: KernelConfig, K: int) -> tuple[np.ndarray, np.ndarray, list[float]]:
@@ -93,30 +94,34 @@ def build_kernels(params: dict, cfg: KernelConfig, K: int) -> tuple[np.ndarray, 
     fit factors: per frame the factor (<= 1) by which the path was shrunk to fit in K×K).
     """
     traj = trajectories(params["_accel"], params["_v0"], cfg.damping)
-    radius = params["blur_scale"] * np.asarray(params["frame_factors"])  # RMS radius, px
-    traj = traj * radius[:, None, None]
-    defocus = np.asarray(params["defocus"])[:, None, None, None]
-    points = traj[:, :, None, :] + defocus * params["_jitter"]
-    points = points.reshape(points.shape[0], -1, 2)
+    traj *= (params["blur_scale"] * np.asarray(params["frame_factors"]))[:, None, None]  # RMS radius, px
+    jitter = params["_jitter"]
+    F, T, J, _ = jitter.shape
+    points = np.asarray(params["defocus"])[:, None, None, None] * jitter
+    points += traj[:, :, None, :]
+    points = points.reshape(F, T * J, 2)
     points -= points.mean(axis=1, keepdims=True)  # centroid exactly at the centre
     # shrink paths that would leave the bitmap (bilinear needs one pixel of room), keeping the shape
-    limit = K // 2 - 1 - np.abs(np.asarray(params["shift"])).max(axis=1)
+    shift = np.asarray(params["shift"])
+    limit = K // 2 - 1 - np.abs(shift).max(axis=1)
     extent = np.abs(points).max(axis=(1, 2))
     fit = np.minimum(1.0, np.maximum(limit, 0.0) / np.maximum(extent, 1e-12))
     points *= fit[:, None, None]
     traj *= fit[:, None, None]
-    points += np.asarray(params["shift"])[:, None, :]
+    points += shift[:, None, :]
     kernels = splat(points, K)
     return kernels.astype(np.float32), traj.astype(np.float32), fit.tolist()
 
 
 def kernel_radius(kernels: np.ndarray) -> np.ndarray:
-    """RMS radius (px) of each kernel around its centroid: float (F,) for kernels (F, K, K)."""
+    """RMS radius (px) of each kernel around its centroid: float (F,) for kernels (F, K, K).
+
+    Computed from the two marginals (the squared distance is dx² + dy²), not the K×K grid."""
     K = kernels.shape[-1]
-    y, x = np.mgrid[:K, :K].astype(np.float64)
     k = kernels.astype(np.float64)
-    s = k.sum(axis=(-2, -1))
-    cx = (k * x).sum(axis=(-2, -1)) / s
-    cy = (k * y).sum(axis=(-2, -1)) / s
-    d2 = (x - cx[..., None, None]) ** 2 + (y - cy[..., None, None]) ** 2
-    return np.sqrt((k * d2).sum(axis=(-2, -1)) / s)
+    px, py = k.sum(axis=-2), k.sum(axis=-1)  # mass per column (x) and per row (y)
+    s = px.sum(axis=-1)
+    a = np.arange(K, dtype=np.float64)
+    cx, cy = (px * a).sum(axis=-1) / s, (py * a).sum(axis=-1) / s
+    var = (px * (a - cx[..., None]) ** 2).sum(axis=-1) + (py * (a - cy[..., None]) ** 2).sum(axis=-1)
+    return np.sqrt(var / s)

@@ -168,24 +168,33 @@ def _count_failure(pending: dict, job: ShardJob, why: str, retries: int) -> None
         raise RenderError(f"shard {job.file} failed {pending[job]} times: {why}")
 
 
-def _ray_map(jobs: list[ShardJob], workers: int, retries: int, address: str | None
-             ) -> Iterable[tuple[ShardJob, dict]]:
-    """One Ray task per shard; Ray retries failed tasks and tasks of dead workers."""
+def start_ray(workers: int, address: str | None = None):
+    """Start (or join, with ``address``) Ray quietly: no dashboard, no usage stats, no worker logs
+    forwarded to this terminal. Returns the ray module."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     warnings.filterwarnings("ignore", module="ray")
     import ray  # imported here: the local engine and the tests of it need no Ray
 
-    started = False
-    if not ray.is_initialized():
-        kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
-                      configure_logging=True)
-        if address:
-            ray.init(address=address, **kwargs)
-        else:
-            ray.init(num_cpus=workers, **kwargs)
-        started = True
+    kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
+                  configure_logging=True)
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=workers, **kwargs)
+    return ray
+
+
+def _ray_map(jobs: list[ShardJob], workers: int, retries: int, address: str | None
+             ) -> Iterable[tuple[ShardJob, dict]]:
+    """One Ray task per shard; Ray retries failed tasks and tasks of dead workers. An already
+    initialized Ray (e.g. started by the caller) is used as it is and left running."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        start_ray(workers, address)
     try:
         task = ray.remote(num_cpus=1, max_retries=retries, retry_exceptions=True)(write_shard)
         refs = {task.remote(job): job for job in jobs}

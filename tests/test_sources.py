@@ -421,3 +421,20 @@ def test_deadleaves_without_texture_or_blur_is_flat_disks():
     image, info = sources.deadleaves(np.random.default_rng(1), 48, cfg)
     # every pixel has one of the disks' flat colours (or the background)
     assert len(np.unique(image.reshape(-1, 3), axis=0)) <= info["disks"] + 1
+
+
+@pytest.mark.parametrize("sigma,shape", [  # every pair whose filter fits in the image
+    (sigma, shape) for sigma in [0.1, 0.3, 0.7, 1.3, 2.0] for shape in [(3, 50, 40), (3, 5, 4), (2, 7, 3)]
+    if len(sources._gaussian_taps(sigma)) - 1 <= min(shape[1:])])
+def test_deadleaves_smoothing_is_scipys_gaussian_filter(sigma, shape):
+    from scipy import ndimage
+
+    planes = np.random.default_rng(0).random(shape, dtype=np.float32) * 255
+    taps = sources._gaussian_taps(sigma)
+    # scaled by taps[0] per axis, as deadleaves builds its planes; no filtering below one tap
+    out = planes * np.float32(taps[0] ** 2)
+    if len(taps) > 1:
+        rows = sources._smooth_reflect(out, taps, 2, np.empty_like(out))
+        out = sources._smooth_reflect(rows, taps, 1, out=out)
+    ref = ndimage.gaussian_filter(planes.astype(np.float64), (0, sigma, sigma), mode="reflect", truncate=3.0)
+    np.testing.assert_allclose(out, ref, atol=1e-4)
