@@ -20,10 +20,24 @@ MEMBERS = ("burst.npy", "json", "target.png")
 
 
 def read_manifest(data_dir: str | Path) -> dict:
-    path = Path(data_dir) / "manifest.json"
+    """The parsed ``manifest.json`` of a dataset folder (the pipeline's and the trainer's reader).
+
+    Raises FileNotFoundError (folder or manifest missing) or ValueError (not a manifest), each
+    with a one-line message.
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"data folder not found: {data_dir} (render it with `python -m pipeline render`)")
+    path = data_dir / "manifest.json"
     if not path.is_file():
-        raise FileNotFoundError(f"no manifest.json in {data_dir} (not a rendered dataset, or not finished)")
-    return json.loads(path.read_text())
+        raise FileNotFoundError(f"no manifest.json in {data_dir}: not a rendered dataset, or its render did not finish")
+    try:
+        manifest = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
+        raise ValueError(f"{path}: no 'splits' table; not a dataset manifest")
+    return manifest
 
 
 def read_sample(data_dir: str | Path, key: str) -> dict:

@@ -46,6 +46,7 @@ import torch
 from PIL import Image
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from pipeline import inspect as pipeline_inspect
 from pipeline.config import ConfigError
 
 MANIFEST = "manifest.json"
@@ -88,24 +89,14 @@ class Shard:
 
 
 def read_manifest(data_dir: str | Path) -> dict:
-    """The parsed ``manifest.json`` of a dataset folder.
-
-    Raises FileNotFoundError (folder or manifest missing) or DataError (not a manifest), each
-    with a one-line message.
-    """
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise FileNotFoundError(f"data folder not found: {data_dir} (render it with `python -m pipeline render`)")
-    path = data_dir / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"no {MANIFEST} in {data_dir}: not a rendered dataset, or its render did not finish")
+    """The parsed ``manifest.json`` of a dataset folder (``pipeline.inspect.read_manifest``, the
+    contract's one reader). Raises FileNotFoundError or DataError with a one-line message."""
     try:
-        manifest = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not valid JSON ({_one_line(e)})") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
-        raise DataError(f"{path}: no 'splits' table; not a dataset manifest")
-    return manifest
+        return pipeline_inspect.read_manifest(data_dir)
+    except FileNotFoundError:
+        raise
+    except ValueError as e:
+        raise DataError(str(e)) from None
 
 
 def stored_shape(manifest: dict) -> tuple[int, int]:
