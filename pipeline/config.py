@@ -219,7 +219,7 @@ class SourceConfig:
     # which averages away JPEG artefacts and sensor noise of the source photo.
     photo_scale_min: float = 1.0
     photo_scale_max: float = 1.0
-    photo_cache: int = 64  # decoded photos kept per worker process
+    photo_cache_mb: float = 512.0  # decoded photos kept per worker process, MB (a 12 MP photo is 36 MB)
     # dead leaves: occluding disks with power-law radii (density ~ r^-alpha) between r_min and r_max
     deadleaves_alpha: float = 3.0
     deadleaves_rmin: float = 2.0
@@ -231,7 +231,7 @@ class SourceConfig:
     def validate(self) -> None:
         check(0 < self.photo_scale_min <= self.photo_scale_max <= 1.0,
               "sources.photo_scale_min/max must satisfy 0 < min <= max <= 1")
-        check(self.photo_cache >= 0, "sources.photo_cache must be >= 0")
+        check(self.photo_cache_mb >= 0, "sources.photo_cache_mb must be >= 0")
         check(self.deadleaves_alpha > 1, "sources.deadleaves_alpha must be > 1")
         check(self.deadleaves_rmin > 0, "sources.deadleaves_rmin must be > 0")
         check(0 < self.deadleaves_rmax_frac <= 1, "sources.deadleaves_rmax_frac must be in (0, 1]")

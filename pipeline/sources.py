@@ -295,15 +295,17 @@ def _one_line(e: BaseException) -> str:
 
 # Per-process caches of decoded photos (LRU, read-only arrays) and of files that failed to decode
 # (so a broken file costs one decode per process; outcomes are the same either way). Memory:
-# up to photo_cache full-size photos, e.g. 64 x 12 MP x 3 B = 2.3 GB per worker.
+# at most sources.photo_cache_mb of decoded pixels per worker (the latest photo always stays).
 _CACHE_LOCK = threading.Lock()
 _PHOTO_CACHE: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
 _DECODE_FAILURES: dict[str, tuple[str, str]] = {}
 _MAX_REMEMBERED_FAILURES = 10_000
 
 
-def cached_photo(path: str, capacity: int) -> np.ndarray:
-    """load_photo through the per-process LRU cache of ``capacity`` photos (0 disables it).
+def cached_photo(path: str, capacity_mb: float) -> np.ndarray:
+    """load_photo through the per-process LRU cache of at most ``capacity_mb`` MB of decoded
+    photos (0 disables it; the most recent photo is kept even when it alone is larger). A byte
+    budget, not a count: 64 camera-size photos would hold 2.3 GB in every worker.
 
     The returned array is read-only (it may be shared with later calls). A failure raises
     PhotoDecodeError (or OSError) again on every later call without decoding again.
@@ -323,10 +325,10 @@ def cached_photo(path: str, capacity: int) -> np.ndarray:
                 _DECODE_FAILURES[path] = (e.reason, e.detail)
         raise
     photo.setflags(write=False)
-    if capacity > 0:
+    if capacity_mb > 0:
         with _CACHE_LOCK:
             _PHOTO_CACHE[path] = photo
-            while len(_PHOTO_CACHE) > capacity:
+            while len(_PHOTO_CACHE) > 1 and sum(a.nbytes for a in _PHOTO_CACHE.values()) > capacity_mb * 1e6:
                 _PHOTO_CACHE.popitem(last=False)
     return photo
 
@@ -363,7 +365,7 @@ def draw_canvas(rng: np.random.Generator, source: SourceList, canvas: int, cfg) 
             k += k >= f
         path = source.paths[k]
         try:
-            photo = cached_photo(path, cfg.photo_cache)
+            photo = cached_photo(path, cfg.photo_cache_mb)
         except PhotoDecodeError as e:
             failures.append([source.name(path), f"{e.reason} ({e.detail})"])
             bisect.insort(failed, k)

@@ -343,12 +343,16 @@ def test_samples_canvas(tmp_path):
     assert info["path"] in {os.path.basename(rel) for _, rel in sources.SAMPLE_FILES}
 
 
-def test_cache_is_bounded_and_read_only(tmp_path):
-    src = _photo_folder(tmp_path)
+def test_cache_is_bounded_in_bytes_and_read_only(tmp_path):
+    src = _photo_folder(tmp_path)  # decoded: 32.4, 36.0 and 39.6 kB
+    sources.clear_caches()
     for path in src.paths:
-        sources.cached_photo(path, 2)
+        sources.cached_photo(path, 0.08)
     assert list(sources._PHOTO_CACHE) == list(src.paths[1:])  # least recently used went first
-    assert not sources.cached_photo(src.paths[2], 2).flags.writeable
+    assert not sources.cached_photo(src.paths[2], 0.08).flags.writeable
+    sources.cached_photo(src.paths[0], 0.001)  # a budget below one photo keeps just the latest
+    assert list(sources._PHOTO_CACHE) == [src.paths[0]]
+    sources.clear_caches()
 
 
 # ----------------------------------------------------------------------------- dead leaves
