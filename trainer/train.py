@@ -1,9 +1,10 @@
 """The training loop: `python -m trainer train --config configs/train/default.toml --data DIR --out DIR`.
 
 Reads top to bottom like nanoGPT's: set up (devices, DDP, data, model, optimizer, resume), then one
-loop over steps — lr from a pure function of the step, forward, loss, NaN check, backward, clip,
-optimizer step, log, validate every val_every steps, checkpoint every ckpt_every steps — and stop
-at train.steps. It counts steps, not epochs: the stream of batches is endless and resampled.
+loop over steps — lr from a pure function of the step, forward, loss, backward, clip, optimizer
+step, log, validate every val_every steps, checkpoint every ckpt_every steps — and stop at
+train.steps. Losses stay on the device; the host waits for them (and checks for NaN/inf) only at
+log, validation and checkpoint steps, so ordinary steps queue work without a sync. It counts steps, not epochs: the stream of batches is endless and resampled.
 
 Exact resume: batch s of rank r is a pure function of (seed, r, s) (see trainer/data.py), the lr
 a pure function of s, and nothing in the loop draws from a random state, so ``--resume`` from the
@@ -288,12 +289,37 @@ def _train(cfg: TrainConfig, out_dir: Path, ckpt: dict | None, manifest: dict, d
                      "readers_per_rank": max(1, t.num_workers)},
         }, path)
 
+    # ---- losses stay on the device between checks: no host sync on ordinary steps
+    loss_acc = torch.zeros((), device=device)  # sum of this rank's losses since the last check
+    first_bad = torch.full((), t.steps, device=device)  # first step with a NaN/inf loss (t.steps: none)
+    bad_loss = torch.zeros((), device=device)  # that loss
+
+    def check_losses(count: int) -> float:
+        """The sync point, on every rank at the same steps: the mean loss over ranks of the
+        ``count`` steps since the last log line; raises TrainingDiverged naming the first step
+        whose loss was not finite. Called before any validation or checkpoint, so a diverged
+        model is never saved."""
+        bad_step = first_bad.clone()
+        if world > 1:
+            dist.all_reduce(bad_step, op=dist.ReduceOp.MIN)
+        if bad_step.item() < t.steps:
+            value = torch.where(first_bad == bad_step, bad_loss, torch.zeros_like(bad_loss))
+            if world > 1:
+                dist.all_reduce(value)
+            where = (f"the last good checkpoint is {out_dir / 'last.pt'}" if (out_dir / "last.pt").exists()
+                     else "no checkpoint was written yet")
+            raise TrainingDiverged(f"loss is {value.item()} at step {bad_step.item()}; stopped ({where})")
+        total = loss_acc.clone()
+        if world > 1:
+            dist.all_reduce(total)
+        return total.item() / world / max(count, 1)
+
     # ---- the loop
     seen_shards: set[str] = set()
     skipped: dict[int, tuple[int, int]] = {}
     last_val: dict = {}
     validations = 0
-    loss_sum, loss_count = 0.0, 0
+    loss_count = 0
     t_start = t_log = time.time()
     samples_since = 0
     try:
@@ -311,44 +337,40 @@ def _train(cfg: TrainConfig, out_dir: Path, ckpt: dict | None, manifest: dict, d
             with autocast():
                 pred = train_model(burst)
             loss = burst_loss(pred, target)
-
-            # the mean over ranks: every rank takes the same decision below
-            loss_value = loss.detach().clone()
-            if world > 1:
-                dist.all_reduce(loss_value, op=dist.ReduceOp.AVG if device_kind == "cuda" else dist.ReduceOp.SUM)
-                if device_kind != "cuda":
-                    loss_value /= world
-            loss_value = loss_value.item()
-            if not math.isfinite(loss_value):
-                where = (f"the last good checkpoint is {out_dir / 'last.pt'}" if (out_dir / "last.pt").exists()
-                         else "no checkpoint was written yet")
-                raise TrainingDiverged(f"loss is {loss_value} at step {step}; stopped ({where})")
+            value = loss.detach()
+            newly_bad = ~torch.isfinite(value) & (first_bad == t.steps)
+            first_bad.masked_fill_(newly_bad, step)
+            bad_loss.copy_(torch.where(newly_bad, value, bad_loss))
+            loss_acc.add_(value)
 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip) if t.grad_clip > 0 else None
             optimizer.step()
             step += 1
-            loss_sum += loss_value
             loss_count += 1
             samples_since += len(target) * world
 
-            if step % t.log_every == 0 or step == t.steps:
+            logging_step = step % t.log_every == 0 or step == t.steps
+            if logging_step or step % t.val_every == 0 or step % t.ckpt_every == 0:
+                mean_loss = check_losses(loss_count)  # (a NaN step's update is never saved)
+            if logging_step:
                 now = time.time()
                 rate = samples_since / max(now - t_log, 1e-9)
                 eta = (now - t_start) / (step - start_step) * (t.steps - step)
                 skip_shards = sum(s for s, _ in skipped.values())
                 skip_samples = sum(s for _, s in skipped.values())
-                say(f"step {step}/{t.steps} | loss {loss_sum / loss_count:.4f} | lr {lr:.2e} | "
+                say(f"step {step}/{t.steps} | loss {mean_loss:.4f} | lr {lr:.2e} | "
                     f"{rate:.1f} samples/s | eta {fmt_seconds(eta)}"
                     + (f" | skipped {skip_shards} shard(s), {skip_samples} sample(s)" if skip_shards + skip_samples else ""))
                 if writer:
-                    writer.add_scalar("train/loss", loss_sum / loss_count, step)
+                    writer.add_scalar("train/loss", mean_loss, step)
                     writer.add_scalar("train/lr", lr, step)
                     writer.add_scalar("train/samples_per_s", rate, step)
                     if grad_norm is not None:
                         writer.add_scalar("train/grad_norm", grad_norm.item(), step)
-                loss_sum, loss_count, samples_since = 0.0, 0, 0
+                loss_acc.zero_()
+                loss_count, samples_since = 0, 0
                 t_log = time.time()
 
             if master and (step % t.val_every == 0 or step == t.steps):
