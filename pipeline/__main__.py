@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, one_line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,8 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.dir}: every shard matches the manifest")
         return 0
     except (ConfigError, ValueError, OSError, KeyError, IndexError, RuntimeError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"error: {msg}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: finished shards are kept; run the same command again to resume", file=sys.stderr)

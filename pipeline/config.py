@@ -170,6 +170,13 @@ def config_hash(obj: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def one_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name if it has none): what a CLI
+    prints after "error: "."""
+    text = str(e.args[0] if isinstance(e, KeyError) and e.args else e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
 def check(cond: bool, message: str) -> None:
     if not cond:
         raise ConfigError(message)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, one_line
 
 COMMANDS = {
     "train": ("trainer.train", "train the network on rendered shards"),
@@ -38,8 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return module.main(rest)
     except (ConfigError, ValueError, FileNotFoundError, OSError) as e:  # user errors: one line
-        text = str(e).strip().splitlines()
-        print(f"error: {text[0] if text else type(e).__name__}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

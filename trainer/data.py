@@ -47,7 +47,7 @@ from PIL import Image
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from pipeline import inspect as pipeline_inspect
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, one_line
 
 MANIFEST = "manifest.json"
 MEMBERS = ("burst.npy", "target.png", "json")  # the suffixes every sample must have
@@ -62,9 +62,8 @@ class DataError(ValueError):
 
 
 def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
     # webdataset appends " @ <file object>" to the messages of the exceptions it re-raises
-    return (text[0].split(" @ ")[0] if text else "") or type(e).__name__
+    return one_line(e).split(" @ ")[0] or type(e).__name__
 
 
 def _warn(message: str) -> None:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils.parametrizations import weight_norm
 
-from pipeline.config import ConfigError, check, from_dict
+from pipeline.config import ConfigError, check, from_dict, one_line
 
 
 @dataclass
@@ -242,11 +242,6 @@ def _strip_prefixes(state: dict) -> dict:
     return out
 
 
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
-
-
 def load(checkpoint_path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild the model of a training checkpoint, in eval mode, on ``device``.
 
@@ -262,9 +257,9 @@ def load(checkpoint_path: str | Path, device: str | torch.device = "cpu") -> nn.
     if not path.is_file():
         raise bad("no such file")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # optimizer state stays off the device
     except Exception as e:  # torch raises many types here (pickle, zip, weights_only errors)
-        raise bad(f"torch.load failed: {_one_line(e)}") from None
+        raise bad(f"torch.load failed: {one_line(e)}") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise bad("no 'model' state dict")
     config = ckpt.get("config")

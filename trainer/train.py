@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, one_line
 from trainer import data as data_mod
 from trainer.baselines import mean_frames
 from trainer.config import TrainConfig, TrainSection, load_train_config, to_dict, to_toml
@@ -462,21 +462,16 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     return load_train_config(args.config or DEFAULT_CONFIG, overrides)
 
 
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = resolve_config(args)
         train(cfg, args.out, resume=args.resume)
     except (ConfigError, ValueError, FileNotFoundError, OSError) as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"interrupted; the last checkpoint in {args.out} (if any) is intact", file=sys.stderr)
