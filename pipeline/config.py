@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import tomllib
 import types
@@ -76,6 +77,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -209,13 +212,14 @@ class DatasetConfig:
 class SplitConfig:
     samples: int
     samples_per_shard: int
-    source: str  # "deadleaves" | "samples" | "dir:/path/to/photos"
+    source: str  # "deadleaves" | "samples" | "samples:<set>" (bundled photos) | "dir:/path/to/photos"
 
     def validate(self) -> None:
         check(self.samples >= 1, f"samples must be >= 1, got {self.samples}")
         check(self.samples_per_shard >= 1, f"samples_per_shard must be >= 1, got {self.samples_per_shard}")
-        check(self.source in ("deadleaves", "samples") or (self.source.startswith("dir:") and len(self.source) > 4),
-              f"source must be 'deadleaves', 'samples' or 'dir:/path', got '{self.source}'")
+        check(self.source in ("deadleaves", "samples")
+              or (self.source.startswith(("dir:", "samples:")) and len(self.source.split(":", 1)[1]) > 0),
+              f"source must be 'deadleaves', 'samples[:set]' or 'dir:/path', got '{self.source}'")
 
 
 @dataclass
@@ -234,6 +238,14 @@ class SourceConfig:
     deadleaves_max_disks: int = 4000
     deadleaves_texture_prob: float = 0.5  # share of disks with a sinusoidal texture
     deadleaves_smooth: float = 0.7  # px, Gaussian blur of the composed image (anti-aliasing)
+    # What makes dead leaves transfer to photographs (see docs/benchmarks.md for the measurements):
+    deadleaves_noise_texture: float = 0.5  # share of textured disks whose texture is 1/f noise
+    deadleaves_noise_slope_min: float = 0.5  # that noise's amplitude spectrum ~ 1/f^slope,
+    deadleaves_noise_slope_max: float = 1.5  # slope uniform per image (rough .. smooth)
+    deadleaves_illumination: float = 0.2  # std of the log of a smooth illumination field (0 = off)
+    deadleaves_dof_prob: float = 0.0  # share of images whose far disks are out of focus (measured: stalls training)
+    deadleaves_dof_max_px: float = 4.0  # Gaussian defocus of those disks, px, uniform in [0.5, max]
+    deadleaves_contrast_min: float = 1.0  # global contrast factor, log-uniform in [min, 1] (measured: stalls training)
 
     def validate(self) -> None:
         check(0 < self.photo_scale_min <= self.photo_scale_max <= 1.0,
@@ -245,6 +257,13 @@ class SourceConfig:
         check(self.deadleaves_max_disks >= 1, "sources.deadleaves_max_disks must be >= 1")
         check(0 <= self.deadleaves_texture_prob <= 1, "sources.deadleaves_texture_prob must be in [0, 1]")
         check(self.deadleaves_smooth >= 0, "sources.deadleaves_smooth must be >= 0")
+        check(0 <= self.deadleaves_noise_texture <= 1, "sources.deadleaves_noise_texture must be in [0, 1]")
+        check(0 <= self.deadleaves_noise_slope_min <= self.deadleaves_noise_slope_max <= 4,
+              "sources.deadleaves_noise_slope_min/max must satisfy 0 <= min <= max <= 4")
+        check(0 <= self.deadleaves_illumination <= 2, "sources.deadleaves_illumination must be in [0, 2]")
+        check(0 <= self.deadleaves_dof_prob <= 1, "sources.deadleaves_dof_prob must be in [0, 1]")
+        check(0.5 <= self.deadleaves_dof_max_px <= 32, "sources.deadleaves_dof_max_px must be in [0.5, 32]")
+        check(0 < self.deadleaves_contrast_min <= 1, "sources.deadleaves_contrast_min must be in (0, 1]")
 
 
 @dataclass
@@ -287,7 +306,19 @@ class ImagingConfig:
     highlight_prob: float = 0.3  # share of bursts with boosted highlights
     highlight_threshold: float = 0.8  # linear luminance above which pixels are boosted
     highlight_gain_max: float = 8.0  # boost factor of the excess, uniform in [1, max]
-    misalign_px: float = 0.0  # residual per-frame translation std, px (off in the paper)
+    # Residual misalignment of registered frames (the paper left it out; real bursts keep it):
+    # frame 0 is the reference (the target's geometry, never shifted); every other frame gets a
+    # translation N(0, misalign_px²) per axis, or with outlier_prob is an outlier frame (shift
+    # std outlier_shift_px and blur × outlier_blur). Shifts are clipped to ±misalign_max_px.
+    misalign_px: float = 0.5
+    misalign_max_px: float = 3.0
+    outlier_prob: float = 0.08
+    outlier_shift_px: float = 2.0
+    outlier_blur: float = 2.0
+    # JPEG: with jpeg_prob a burst's frames are JPEG-compressed, quality uniform in [min, max]
+    jpeg_prob: float = 0.1
+    jpeg_quality_min: int = 70
+    jpeg_quality_max: int = 95
     shot_min: float = 0.002  # shot noise: var = shot^2 * x, log-uniform per burst
     shot_max: float = 0.05
     read_min: float = 0.001  # read noise: std, log-uniform per burst
@@ -301,6 +332,13 @@ class ImagingConfig:
         check(0 < self.highlight_threshold < 1, "imaging.highlight_threshold must be in (0, 1)")
         check(self.highlight_gain_max >= 1, "imaging.highlight_gain_max must be >= 1")
         check(self.misalign_px >= 0, "imaging.misalign_px must be >= 0")
+        check(self.misalign_max_px >= 0, "imaging.misalign_max_px must be >= 0")
+        check(0 <= self.outlier_prob <= 1, "imaging.outlier_prob must be in [0, 1]")
+        check(self.outlier_shift_px >= 0, "imaging.outlier_shift_px must be >= 0")
+        check(self.outlier_blur > 0, "imaging.outlier_blur must be > 0")
+        check(0 <= self.jpeg_prob <= 1, "imaging.jpeg_prob must be in [0, 1]")
+        check(1 <= self.jpeg_quality_min <= self.jpeg_quality_max <= 100,
+              "imaging.jpeg_quality_min/max must satisfy 1 <= min <= max <= 100")
         check(0 <= self.shot_min <= self.shot_max, "imaging.shot_min/max must satisfy 0 <= min <= max")
         check(0 <= self.read_min <= self.read_max, "imaging.read_min/max must satisfy 0 <= min <= max")
         check(0 <= self.correlated_prob <= 1, "imaging.correlated_prob must be in [0, 1]")
@@ -333,6 +371,13 @@ class ShardConfig:
         check(self.dataset.size >= self.dataset.kernel_size // 2,
               f"dataset.size ({self.dataset.size}) is smaller than needed for kernel_size "
               f"{self.dataset.kernel_size}: size must be >= {self.dataset.kernel_size // 2}")
+        K = self.dataset.kernel_size
+        room = K // 2 - 2  # a shifted kernel keeps at least one pixel of blur room inside K×K
+        im = self.imaging
+        if im.misalign_px > 0 or im.outlier_prob > 0:
+            check(im.misalign_max_px <= room,
+                  f"imaging.misalign_max_px ({im.misalign_max_px:g}) pushes kernel mass out of the "
+                  f"{K}×{K} kernel: it must be <= {room} px for kernel_size {K}")
         hi = self.kernels.scale_max * max(self.kernels.mixed_max, self.kernels.uniform_max)
         check(hi < self.dataset.kernel_size / 2,
               f"kernels.scale_max × frame factor ({hi:g} px RMS) does not fit a "

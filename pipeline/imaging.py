@@ -16,6 +16,7 @@ pass fewer over the burst (the noise is scaled to match, so the model is the sam
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Iterator
 
@@ -226,6 +227,21 @@ def add_noise(linear: np.ndarray, shot: float, read: float, rng: np.random.Gener
     np.sqrt(out, out=out)
     out *= n
     out += linear
+    return out
+
+
+def jpeg_frames(burst: np.ndarray, quality: int) -> np.ndarray:
+    """Every frame of a uint8 (F, H, W, 3) sRGB burst through a JPEG encode/decode at ``quality``
+    (Pillow's libjpeg, 4:2:0 chroma subsampling as cameras write it). Deterministic: the encoder
+    stamps no clock. Returns a new uint8 (F, H, W, 3) array."""
+    from PIL import Image
+
+    out = np.empty_like(burst)
+    for f, frame in enumerate(burst):
+        buf = io.BytesIO()
+        Image.fromarray(frame).save(buf, format="JPEG", quality=int(quality), subsampling=2)
+        with Image.open(io.BytesIO(buf.getvalue())) as im:
+            out[f] = np.asarray(im.convert("RGB"))
     return out
 
 

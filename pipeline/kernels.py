@@ -28,8 +28,15 @@ def loguniform(rng: np.random.Generator, lo: float, hi: float, size=None) -> np.
 
 
 def sample_kernel_params(rng: np.random.Generator, cfg: KernelConfig, frames: int,
-                         misalign_px: float = 0.0) -> dict:
+                         misalign=None) -> dict:
     """Draw every random number the kernels of one burst need.
+
+    ``misalign``: the pipeline.config.ImagingConfig (its misalign_* and outlier_* fields), or None
+    for perfectly registered frames. Frame 0 is the burst's reference: the frame the others were
+    registered to, so it has no residual shift (the target has its geometry) and is never an
+    outlier. Every other frame gets a residual shift N(0, misalign_px²) per axis, or with
+    probability outlier_prob is an outlier: shift std outlier_shift_px and blur × outlier_blur.
+    Shifts are clipped to ±misalign_max_px per axis (validated to fit the K×K kernel).
 
     Returns plain floats/lists for the sample's json and float64 arrays (keys starting with "_")
     for ``build_kernels``: accelerations (F, steps, 2), initial velocities (F, 2), jitter
@@ -40,13 +47,24 @@ def sample_kernel_params(rng: np.random.Generator, cfg: KernelConfig, frames: in
     lo, hi = (cfg.mixed_min, cfg.mixed_max) if mixed else (cfg.uniform_min, cfg.uniform_max)
     factors = np.atleast_1d(loguniform(rng, lo, hi, frames))
     defocus = rng.uniform(0.0, cfg.defocus_max, frames) if cfg.defocus_max > 0 else np.zeros(frames)
-    shift = rng.normal(0.0, misalign_px, (frames, 2)) if misalign_px > 0 else np.zeros((frames, 2))
+    # drawn whatever the settings, so that bursts that differ only in their misalignment settings
+    # share every other parameter
+    u, z = rng.random(frames), rng.standard_normal((frames, 2))
+    shift, outlier = np.zeros((frames, 2)), np.zeros(frames, dtype=bool)
+    if misalign is not None:
+        outlier = u < misalign.outlier_prob
+        outlier[0] = False
+        std = np.where(outlier, misalign.outlier_shift_px, misalign.misalign_px)
+        shift = np.clip(z * std[:, None], -misalign.misalign_max_px, misalign.misalign_max_px)
+        shift[0] = 0.0
+        factors = np.where(outlier, factors * misalign.outlier_blur, factors)
     return {
         "blur_scale": scale,
         "mixed": mixed,
         "frame_factors": factors.tolist(),
         "defocus": defocus.tolist(),
-        "shift": shift.tolist(),  # residual misalignment (dx, dy) per frame, px
+        "shift": shift.tolist(),  # residual misalignment (dx, dy) per frame, px; frame 0: (0, 0)
+        "outlier": outlier.tolist(),  # per frame: an outlier (shifted and blurred more)
         "_accel": rng.standard_normal((frames, cfg.steps, 2)),
         "_v0": rng.standard_normal((frames, 2)),
         "_jitter": rng.standard_normal((frames, cfg.steps, cfg.jitter_points, 2)),
@@ -101,9 +119,12 @@ def build_kernels(params: dict, cfg: KernelConfig, K: int) -> tuple[np.ndarray, 
     points += traj[:, :, None, :]
     points = points.reshape(F, T * J, 2)
     points -= points.mean(axis=1, keepdims=True)  # centroid exactly at the centre
-    # shrink paths that would leave the bitmap (bilinear needs one pixel of room), keeping the shape
-    shift = np.asarray(params["shift"])
-    limit = K // 2 - 1 - np.abs(shift).max(axis=1)
+    # shrink paths that would leave the bitmap (bilinear needs one pixel of room), keeping the
+    # shape; a shift is bounded (config validation) so that at least one pixel of room is left,
+    # and clipped here too, so that no kernel mass can ever leave (or wrap around) the K×K bitmap
+    room = K // 2 - 1
+    shift = np.clip(np.asarray(params["shift"], dtype=np.float64).reshape(F, 2), -(room - 1), room - 1)
+    limit = room - np.abs(shift).max(axis=1)
     extent = np.abs(points).max(axis=(1, 2))
     fit = np.minimum(1.0, np.maximum(limit, 0.0) / np.maximum(extent, 1e-12))
     points *= fit[:, None, None]

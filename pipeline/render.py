@@ -39,7 +39,7 @@ def sample_params(rng: np.random.Generator, cfg: ShardConfig) -> dict:
     Plain values go to the sample's json; keys starting with "_" hold the kernels' raw draws.
     """
     im = cfg.imaging
-    params = kernels.sample_kernel_params(rng, cfg.kernels, cfg.dataset.frames, im.misalign_px)
+    params = kernels.sample_kernel_params(rng, cfg.kernels, cfg.dataset.frames, im)
     params["gamma"] = float(rng.uniform(im.gamma_min, im.gamma_max))
     boosted = bool(rng.random() < im.highlight_prob)
     params["highlight_gain"] = float(rng.uniform(1.0, im.highlight_gain_max)) if boosted else 1.0
@@ -47,6 +47,9 @@ def sample_params(rng: np.random.Generator, cfg: ShardConfig) -> dict:
     params["read_noise"] = float(kernels.loguniform(rng, im.read_min, im.read_max))
     correlated = bool(rng.random() < im.correlated_prob)
     params["noise_correlation_px"] = float(im.correlated_sigma) if correlated else 0.0
+    compressed = bool(rng.random() < im.jpeg_prob)
+    quality = int(rng.integers(im.jpeg_quality_min, im.jpeg_quality_max + 1))
+    params["jpeg_quality"] = quality if compressed else 0  # 0: frames not JPEG-compressed
     return params
 
 
@@ -62,6 +65,8 @@ def render(canvas: np.ndarray, params: dict, cfg: ShardConfig, noise_rng: np.ran
         canvas, kern, size, gamma=params["gamma"], highlight_gain=params["highlight_gain"],
         highlight_threshold=cfg.imaging.highlight_threshold, shot=params["shot_noise"],
         read=params["read_noise"], correlated_sigma=params["noise_correlation_px"], noise_rng=noise_rng)
+    if params.get("jpeg_quality", 0) > 0:
+        burst = imaging.jpeg_frames(burst, params["jpeg_quality"])
     target = np.ascontiguousarray(canvas[m:m + size, m:m + size])
     return {"burst": burst, "target": target, "kernels": kern, "trajectories": traj, "fit": fit}
 

@@ -4,8 +4,10 @@ A split's ``source`` string names one of three kinds of sharp image:
 
 - ``"dir:/path"``: every decodable photo under a folder (recursive). ``list_source`` scans it once
   with header reads only (format, size, mode; no pixel decode) and counts what it skips and why.
-- ``"samples"``: real colour photographs bundled inside installed packages (scikit-image's data
-  folder and matplotlib's sample data), so a pipeline runs with no download at all.
+- ``"samples"`` / ``"samples:<set>"``: real photographs bundled inside installed packages
+  (scikit-image's data folder, matplotlib's sample data, scikit-learn's sample images), so a
+  pipeline runs with no download at all. The photos come in disjoint sets (``SAMPLE_SETS``), so
+  a validation split and a test split never share a photograph; ``"samples"`` is ``"samples:test"``.
 - ``"deadleaves"``: procedural images of occluding disks with power-law radii (the dead-leaves
   model of Lee, Mumford & Huang; used as training data for restoration nets by Achddou et al.
   and Baradad et al.). They have edges at every scale, need no files and cost ~2.3 ms each.
@@ -30,20 +32,44 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+import scipy.fft as sfft
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Reasons a file is skipped at scan time (keys of SourceList.skipped), in report order.
 SKIP_REASONS = ("not an image", "unreadable", "too small", "decompression bomb", "unsupported mode")
 
-# The photographs of the "samples" source: (package, path inside the package).
-SAMPLE_FILES = (
-    ("skimage", "data/astronaut.png"),
-    ("skimage", "data/chelsea.png"),
-    ("skimage", "data/coffee.png"),
-    ("skimage", "data/rocket.jpg"),
-    ("skimage", "data/motorcycle_left.png"),
-    ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"),
-)
+# The bundled photographs, in disjoint sets: set name -> ((package, path inside the package), ...).
+# "test" is what `make eval` scores; "val" picks best.pt. No photograph (nor another view of the
+# same scene: motorcycle_right is left out) is in two sets. Desktop wallpapers are never used here:
+# they are reserved for independent evaluation.
+SAMPLE_SETS = {
+    "test": (
+        ("skimage", "data/astronaut.png"),
+        ("skimage", "data/chelsea.png"),
+        ("skimage", "data/coffee.png"),
+        ("skimage", "data/rocket.jpg"),
+        ("skimage", "data/motorcycle_left.png"),
+        ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"),
+    ),
+    "val": (
+        ("sklearn", "datasets/images/china.jpg"),
+        ("sklearn", "datasets/images/flower.jpg"),
+        ("skimage", "data/camera.png"),  # grayscale photographs: real textures and edges
+        ("skimage", "data/brick.png"),
+        ("skimage", "data/grass.png"),
+        ("skimage", "data/gravel.png"),
+    ),
+}
+SAMPLE_FILES = SAMPLE_SETS["test"]  # what plain "samples" means
+
+
+def sample_set(spec: str) -> str | None:
+    """The set name of a "samples" / "samples:<set>" spec, or None if ``spec`` is not one."""
+    if spec == "samples":
+        return "test"
+    if spec.startswith("samples:"):
+        return spec[len("samples:"):]
+    return None
 
 # Pillow modes load_photo converts to 8-bit RGB (anything else is skipped as "unsupported mode").
 _GRAY16 = ("I;16", "I;16L", "I;16B", "I;16N")
@@ -92,22 +118,25 @@ class SourceList:
 
 
 def list_source(spec: str, min_side: int) -> SourceList:
-    """Scan the source named by ``spec`` ("deadleaves" | "samples" | "dir:/path").
+    """Scan the source named by ``spec`` ("deadleaves" | "samples[:set]" | "dir:/path").
 
     Photos whose shorter side is below ``min_side`` px are skipped as "too small". Raises
     SourceError when the folder is missing, is a file, is empty, or holds no usable photo.
     """
     if spec == "deadleaves":
         return SourceList(spec=spec, kind="deadleaves", root="", paths=())
-    if spec == "samples":
-        files, missing = _sample_files()
+    if sample_set(spec) is not None:
+        name = sample_set(spec)
+        if name not in SAMPLE_SETS:
+            raise SourceError(f"unknown bundled photo set '{name}' in '{spec}' (sets: {', '.join(SAMPLE_SETS)})")
+        files, missing = _sample_files(SAMPLE_SETS[name])
         paths, skipped = _probe_all(files, min_side)
         if missing:
             skipped.setdefault("unreadable", []).extend(missing)
             skipped["unreadable"].sort()
         if not paths:
             raise SourceError(f"no usable bundled sample photo ({_skip_summary(skipped, min_side)}); "
-                              f"are scikit-image and matplotlib installed?")
+                              f"are scikit-image, matplotlib and scikit-learn installed?")
         return SourceList(spec=spec, kind="photos", root="", paths=tuple(paths), skipped=_ordered(skipped))
     if spec.startswith("dir:") and len(spec) > 4:
         root = os.path.abspath(os.path.expanduser(spec[4:]))
@@ -125,14 +154,14 @@ def list_source(spec: str, min_side: int) -> SourceList:
             raise SourceError(f"no usable image in {root} ({_skip_summary(skipped, min_side)})")
         return SourceList(spec=spec, kind="photos", root=root, paths=tuple(paths),
                           skipped=_ordered(skipped))
-    raise SourceError(f"unknown source '{spec}' (expected 'deadleaves', 'samples' or 'dir:/path')")
+    raise SourceError(f"unknown source '{spec}' (expected 'deadleaves', 'samples[:set]' or 'dir:/path')")
 
 
-def _sample_files() -> tuple[list[str], list[str]]:
+def _sample_files(files=SAMPLE_FILES) -> tuple[list[str], list[str]]:
     """(paths of the bundled sample photos that exist, paths of those that do not), in the order
-    of SAMPLE_FILES: not sorted by absolute path, which would depend on where packages live."""
+    of ``files``: not sorted by absolute path, which would depend on where packages live."""
     found, missing = [], []
-    for package, rel in SAMPLE_FILES:
+    for package, rel in files:
         spec = importlib.util.find_spec(package)  # locates the package without importing it
         folders = spec.submodule_search_locations if spec else None
         path = os.path.join(folders[0], rel) if folders else f"<{package} not installed>/{rel}"
@@ -478,6 +507,16 @@ def deadleaves(rng: np.random.Generator, canvas: int, cfg) -> tuple[np.ndarray, 
     colour *= np.float32(taps[0] ** 2)
     delta *= np.float32(taps[0] ** 2)
 
+    # 1/f noise textures, the illumination field, defocus and contrast: drawn after everything
+    # above, a fixed number of draws per image
+    noisy = rng.random(m) < cfg.deadleaves_noise_texture
+    is_noise = np.zeros(n + 1, dtype=bool)
+    is_noise[tex_disk] = noisy
+    texture, illumination = _noise_fields(rng, canvas, cfg)
+    dof_draw, dof_depth, dof_sigma, contrast_u = rng.random(4)
+    dof = bool(dof_draw < cfg.deadleaves_dof_prob)
+    contrast = float(cfg.deadleaves_contrast_min ** contrast_u)  # log-uniform in [min, 1]
+
     index = label.astype(np.intp)  # gathers with intp indices skip a conversion each
     fx, fy, f0 = np.take(plane, index, axis=1)
     s = fx * np.arange(canvas, dtype=np.float32)
@@ -489,21 +528,83 @@ def deadleaves(rng: np.random.Generator, canvas: int, cfg) -> tuple[np.ndarray, 
     weight += np.float32(0.5)
     gradient = np.clip(s, np.float32(0.0), np.float32(1.0), out=s)
     np.copyto(weight, gradient, where=~np.take(is_grating, index))
+    np.copyto(weight, texture, where=np.take(is_noise, index))
     planes = np.take(delta, index, axis=1)  # sRGB in [0, 255], channel first: (3, H, W)
     planes *= weight
     planes += np.take(colour, index, axis=1)
     if len(taps) > 1:
         rows_done = _smooth_reflect(planes, taps, 2, np.empty_like(planes))
         planes = _smooth_reflect(rows_done, taps, 1, out=planes)
-    # Every pixel is a convex combination of colours in [0, 255] (a disk's colour mixed towards
-    # its second colour by a weight in [0, 1]) and the smoothing's taps are positive and sum to 1,
-    # so the planes stay within [0, 255] up to float rounding: round half up without a clip.
+    if dof:  # disks behind a depth (a share of the pixels stays sharp) are out of focus
+        depth = int(np.quantile(label, 0.2 + 0.6 * dof_depth))
+        sigma = 0.5 + (cfg.deadleaves_dof_max_px - 0.5) * float(dof_sigma)
+        far = _gaussian_blur(planes, sigma)
+        np.copyto(planes, far, where=(label > depth)[None])
+    if contrast < 1.0:
+        mean = planes.mean(axis=(1, 2), keepdims=True)
+        planes -= mean
+        planes *= np.float32(contrast)
+        planes += mean
+    if illumination is not None:
+        planes *= illumination
+    # Colours and textures are convex combinations of colours in [0, 255] and the smoothing's
+    # taps are positive and sum to 1, so only the illumination can leave [0, 255]: clip, then
+    # round half up.
+    np.clip(planes, np.float32(0.0), np.float32(255.0), out=planes)
     out = np.empty((canvas, canvas, 3), dtype=np.uint8)
     np.add(planes, np.float32(0.5), out=out.transpose(2, 0, 1), casting="unsafe")
 
     uncovered = int(np.count_nonzero(label == n))
     disks = n if uncovered else int(label.max()) + 1
     return out, {"source": "deadleaves", "disks": disks, "uncovered_px": uncovered}
+
+
+def _noise_fields(rng: np.random.Generator, canvas: int, cfg) -> tuple[np.ndarray, np.ndarray | None]:
+    """Two random fields of one dead-leaves image.
+
+    texture: float32 (canvas, canvas) in [0, 1], a 1/f^slope noise (amplitude spectrum; slope
+    uniform in [noise_slope_min, noise_slope_max]: natural textures have slopes near 1),
+    standardized and mapped to 0.5 + 0.2·z, clipped. illumination: float32 (canvas, canvas)
+    exp(σ·z) of a smooth field z (four plane waves of random direction and phase, 0.3 to 1.5
+    cycles per canvas, standardized) divided by its mean, or None when
+    ``deadleaves_illumination`` is 0. Always draws the same numbers from ``rng``.
+    """
+    white = rng.standard_normal((canvas, canvas), dtype=np.float32)
+    slope = np.float32(cfg.deadleaves_noise_slope_min
+                       + (cfg.deadleaves_noise_slope_max - cfg.deadleaves_noise_slope_min) * rng.random())
+    waves = rng.random((4, 3))  # per wave: frequency, direction, phase
+    spec = sfft.rfft2(white)
+    fy = sfft.fftfreq(canvas).astype(np.float32)[:, None]
+    fx = sfft.rfftfreq(canvas).astype(np.float32)[None, :]
+    f2 = fx * fx + fy * fy
+    f2[0, 0] = 1.0
+    spec *= f2 ** (-slope / 2)
+    spec[0, 0] = 0.0
+    field = sfft.irfft2(spec, s=(canvas, canvas))
+    field *= np.float32(0.2) / max(float(field.std()), 1e-12)
+    field += np.float32(0.5)
+    texture = np.clip(field, np.float32(0.0), np.float32(1.0), out=field)
+    if cfg.deadleaves_illumination <= 0:
+        return texture, None
+    # sum of plane waves cos(kx·x + ky·y + phase) = Re(e^{i kx x} ⊗ e^{i ky y} e^{i phase}),
+    # each an outer product: cheap at any canvas size
+    pos = np.arange(canvas) / canvas
+    z = np.zeros((canvas, canvas))
+    for freq, angle, phase in waves:
+        k = 2 * np.pi * (0.3 + 1.2 * freq)
+        ex = np.exp(1j * k * np.cos(2 * np.pi * angle) * pos)
+        ey = np.exp(1j * (k * np.sin(2 * np.pi * angle) * pos + 2 * np.pi * phase))
+        z += np.outer(ey, ex).real
+    z *= cfg.deadleaves_illumination / max(float(z.std()), 1e-12)
+    light = np.exp(z)
+    return texture, (light / light.mean()).astype(np.float32)
+
+
+def _gaussian_blur(planes: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur of float32 (3, H, W) planes over H and W (borders mirrored): a new array."""
+    from scipy.ndimage import gaussian_filter
+
+    return gaussian_filter(planes, sigma=(0.0, sigma, sigma), mode="reflect", truncate=3.0)
 
 
 def _gaussian_taps(sigma: float) -> np.ndarray:

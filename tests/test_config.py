@@ -33,6 +33,11 @@ def test_overrides_change_values_and_the_hash():
     ("imaging.gamma_min=3.0", "gamma_min/max"),
     ("kernels.scale_max=40.0", "does not fit"),
     ("dataset.snake=true", "unknown key"),
+    ("imaging.misalign_max_px=6.0", "must be <= 5 px for kernel_size 15"),
+    ("imaging.gamma_max=inf", "expected a finite number"),
+    ("imaging.misalign_px=nan", "expected a finite number"),
+    ("imaging.jpeg_quality_min=0", "jpeg_quality_min/max"),
+    ("splits.test.source='samples:'", "source must be"),
 ])
 def test_bad_values_are_one_line_errors(override, needle):
     with pytest.raises(ConfigError) as e:

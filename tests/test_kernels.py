@@ -3,11 +3,12 @@
 import numpy as np
 import pytest
 
-from pipeline.config import KernelConfig
+from pipeline.config import ImagingConfig, KernelConfig
 from pipeline.kernels import build_kernels, kernel_radius, sample_kernel_params, splat, trajectories
 
 
-def make(seed, cfg=KernelConfig(), frames=8, K=51, misalign=0.0):
+def make(seed, cfg=KernelConfig(), frames=8, K=51, misalign=None):
+    """misalign: None (registered frames) or an ImagingConfig."""
     params = sample_kernel_params(np.random.default_rng(seed), cfg, frames, misalign)
     return params, build_kernels(params, cfg, K)
 
@@ -69,11 +70,47 @@ def test_splat_conserves_mass_and_first_moment():
 
 
 def test_misalignment_moves_the_centroid_by_the_drawn_shift():
-    params, (k, _, _) = make(4, misalign=1.0, frames=4)
+    params, (k, _, _) = make(4, misalign=ImagingConfig(misalign_px=1.0, outlier_prob=0.0), frames=4)
     y, x = np.mgrid[:51, :51]
     shift = np.asarray(params["shift"])
+    assert (shift[0] == 0).all() and (shift[1:] != 0).all()  # frame 0 is the reference
     np.testing.assert_allclose((k * x).sum(axis=(1, 2)) - 25, shift[:, 0], atol=1e-4)
     np.testing.assert_allclose((k * y).sum(axis=(1, 2)) - 25, shift[:, 1], atol=1e-4)
+
+
+def test_outlier_frames_are_shifted_and_blurred_more_but_never_the_reference():
+    im = ImagingConfig(misalign_px=0.3, misalign_max_px=20.0, outlier_prob=0.5, outlier_shift_px=5.0, outlier_blur=3.0)
+    shifts, outliers = {True: [], False: []}, 0
+    for seed in range(40):
+        params, _ = make(seed, misalign=im, frames=8)
+        plain = sample_kernel_params(np.random.default_rng(seed), KernelConfig(), 8, None)
+        assert params["outlier"][0] is False
+        for f, is_out in enumerate(params["outlier"]):
+            shifts[is_out].append(np.abs(params["shift"][f]).max())
+            ratio = params["frame_factors"][f] / plain["frame_factors"][f]
+            assert ratio == pytest.approx(3.0 if is_out else 1.0)
+        outliers += sum(params["outlier"])
+    assert 0.35 < outliers / (40 * 7) < 0.65
+    assert np.median(shifts[True]) > 4 * np.median(shifts[False][40:])
+
+
+@pytest.mark.parametrize("K", [15, 51])
+def test_large_shifts_never_push_mass_out_of_the_kernel(K):
+    """A shift near or past the bitmap's room is clipped, not wrapped or lost: every kernel sums
+    to 1, keeps its border empty, and has its centroid at the (clipped) shift."""
+    cfg = KernelConfig(scale_max=2.0)
+    y, x = np.mgrid[:K, :K]
+    for seed in range(20):
+        params = sample_kernel_params(np.random.default_rng(seed), cfg, 6, None)
+        params["shift"] = (np.random.default_rng(seed).normal(0, K / 3, (6, 2))).tolist()  # far too large
+        k, _, fit = build_kernels(params, cfg, K)
+        assert np.isfinite(k).all() and (k >= 0).all()
+        np.testing.assert_allclose(k.sum(axis=(1, 2)), 1.0, atol=1e-5)
+        assert k[:, 0].sum() == 0 and k[:, -1].sum() == 0 and k[:, :, 0].sum() == 0 and k[:, :, -1].sum() == 0
+        room = K // 2 - 2
+        want = np.clip(np.asarray(params["shift"]), -room, room)
+        np.testing.assert_allclose((k * x).sum(axis=(1, 2)) - K // 2, want[:, 0], atol=1e-3)
+        np.testing.assert_allclose((k * y).sum(axis=(1, 2)) - K // 2, want[:, 1], atol=1e-3)
 
 
 def test_same_generator_state_same_kernels():

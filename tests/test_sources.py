@@ -395,7 +395,8 @@ def test_deadleaves_is_deterministic():
 
 
 def test_deadleaves_has_detail_at_every_scale():
-    image, info = sources.deadleaves(np.random.default_rng(0), 210, SourceConfig())
+    full_contrast = SourceConfig(deadleaves_contrast_min=1.0, deadleaves_dof_prob=0.0)
+    image, info = sources.deadleaves(np.random.default_rng(0), 210, full_contrast)
     assert info["source"] == "deadleaves" and 1 <= info["disks"] <= SourceConfig().deadleaves_max_disks
     flat = image.reshape(-1, 3)
     assert len(np.unique(flat, axis=0)) > 2000  # many colours (textures, anti-aliased edges)
@@ -421,7 +422,8 @@ def test_deadleaves_coverage_stop_and_cap():
 
 def test_deadleaves_without_texture_or_blur_is_flat_disks():
     cfg = SourceConfig(deadleaves_texture_prob=0.0, deadleaves_smooth=0.0,
-                       deadleaves_rmin=6, deadleaves_max_disks=200)
+                       deadleaves_rmin=6, deadleaves_max_disks=200, deadleaves_illumination=0.0,
+                       deadleaves_dof_prob=0.0, deadleaves_contrast_min=1.0)
     image, info = sources.deadleaves(np.random.default_rng(1), 48, cfg)
     # every pixel has one of the disks' flat colours (or the background)
     assert len(np.unique(image.reshape(-1, 3), axis=0)) <= info["disks"] + 1
@@ -442,3 +444,14 @@ def test_deadleaves_smoothing_is_scipys_gaussian_filter(sigma, shape):
         out = sources._smooth_reflect(rows, taps, 1, out=out)
     ref = ndimage.gaussian_filter(planes.astype(np.float64), (0, sigma, sigma), mode="reflect", truncate=3.0)
     np.testing.assert_allclose(out, ref, atol=1e-4)
+
+
+def test_bundled_photo_sets_are_disjoint_and_named():
+    """The val and test splits of the default dataset draw from disjoint sets of photographs."""
+    sets = {name: sources.list_source(f"samples:{name}", 210) for name in sources.SAMPLE_SETS}
+    names = {name: {os.path.basename(p) for p in src.paths} for name, src in sets.items()}
+    assert len(names["val"]) >= 4 and len(names["test"]) >= 4
+    assert not names["val"] & names["test"]
+    assert sources.list_source("samples", 210).paths == sets["test"].paths
+    with pytest.raises(sources.SourceError, match="unknown bundled photo set 'nope'"):
+        sources.list_source("samples:nope", 210)
