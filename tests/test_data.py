@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from trainer import data
-from trainer.data import DataError, TrainStream, augment, iter_samples, load_val_set, read_manifest
+from trainer.data import (DataError, TrainStream, augment, geometry_target, iter_samples, load_val_set, read_manifest,
+                          shifted_crop)
 
 CROP, MIN_FR, MAX_FR = 32, 1, 4
 
@@ -131,8 +132,9 @@ def test_augmentation_draws_a_random_subset_and_order_of_frames():
         b, _ = augment(burst, target, 3, 8, np.random.default_rng(seed))
         values = tuple(int(f[0, 0, 0]) for f in b)
         assert len(set(values)) == 3 and set(values) <= {10, 20, 30, 40}
+        assert values[0] == 10  # the reference (stored frame 0) always comes first
         orders.add(values)
-    assert len(orders) > 10
+    assert len(orders) == 6  # every subset and order of 2 of the other 3 frames
 
 
 def test_readers_read_disjoint_shards(tiny_shards):
@@ -263,3 +265,42 @@ def test_skip_mode_counts_bad_shards_and_samples(tiny_shards, tmp_path, capsys):
     # the shard is drawn again and again (resampled), but each problem is reported once
     assert err.count("skipping the rest of shard") == 1 and "train-000002.tar: holds" in err
     assert err.count("train-000000-000003: missing member(s) json") == 1
+
+
+def _smooth(y, x):
+    return 120 + 60 * np.sin(0.3 * x + 0.2 * y) + 50 * np.cos(0.25 * y - 0.1 * x)
+
+
+def test_shifted_crop_moves_the_image_by_the_shift():
+    y, x = np.mgrid[:64, :64].astype(np.float64)
+    image = np.repeat(_smooth(y, x)[..., None], 3, axis=2)
+    yy, xx = np.mgrid[:32, :32]
+    for dx, dy in [(0.37, -1.6), (-2.5, 0.25), (0.0, 0.5)]:
+        out = shifted_crop(image, 10, 12, 32, (dx, dy))
+        want = _smooth(10 + yy - dy, 12 + xx - dx)  # out(p) = image(p - shift)
+        assert np.abs(out[..., 1] - want).max() < 0.5  # of a 220-level signal: Lanczos-3
+    exact = shifted_crop(image.astype(np.uint8), 10, 12, 32, (2.0, -1.0))  # integer: a plain crop
+    np.testing.assert_array_equal(exact, image.astype(np.uint8)[11:43, 10:42])
+    with pytest.raises(ValueError, match="leaves"):
+        shifted_crop(image, 1, 12, 32, (0.0, 0.5))
+
+
+def test_mean_geometry_targets_follow_the_chosen_frames():
+    """A "mean" model is scored against the target at the mean shift of the frames it gets."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[:40, :40].astype(np.float64)
+    target = np.repeat(_smooth(y, x)[..., None], 3, axis=2).astype(np.uint8)
+    burst = np.stack([np.full((40, 40, 3), v, np.uint8) for v in range(4)])
+    shifts = np.array([[0.0, 0.0], [1.0, -0.5], [-0.4, 2.0], [0.6, 0.3]])
+    for seed in range(10):
+        b, t = augment(burst, target, 2, 16, np.random.default_rng(seed), shifts)
+        b0, t0 = augment(burst, target, 2, 16, np.random.default_rng(seed))
+        chosen = [int(f[0, 0, 0]) for f in b]
+        assert chosen[0] == 0 and t.dtype == np.float32
+        assert not np.array_equal(t, t0.astype(np.float32))
+    assert geometry_target(target, shifts[:1], "mean") is target  # registered: the stored target
+    assert geometry_target(target, shifts, "reference") is target
+    moved = geometry_target(target, shifts, "mean")
+    m = shifts.mean(axis=0)
+    np.testing.assert_allclose(moved[8:32, 8:32], shifted_crop(target, 8, 8, 24, tuple(m)), atol=1e-4)
+    del rng

@@ -110,6 +110,18 @@ def test_permutation_invariance(dtype, atol):
     assert (a - c).abs().max().item() > 1e-3
 
 
+def test_reference_geometry_is_invariant_to_the_order_of_the_other_frames():
+    model = make_model(geometry="reference", dtype=torch.float64)
+    with torch.no_grad():
+        model.reference_embed.copy_(torch.linspace(-1, 1, model.reference_embed.numel()))
+        burst = rand_burst((2, 5, 3, 24, 20), dtype=torch.float64)
+        a = model(burst)
+        b = model(burst[:, [0, 3, 1, 4, 2]])  # frame 0 stays the reference
+        c = model(burst[:, [2, 0, 1, 3, 4]])  # another frame becomes the reference
+    assert (a - b).abs().max().item() <= 1e-12
+    assert (a - c).abs().max().item() > 1e-4
+
+
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
 def test_fused_equals_plain_for_the_same_weights(dtype, atol):
     fused = make_model(dtype=dtype, fused=True)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -51,6 +52,15 @@ def test_lr_is_a_pure_function_of_the_step():
     assert train_mod.lr_at(0, t) == pytest.approx(1e-3 * 0.25)
     assert train_mod.lr_at(3, t) == pytest.approx(1e-3 * 0.5**3)
     assert [train_mod.lr_at(s, t) for s in range(6)] == [train_mod.lr_at(s, t) for s in range(6)]
+
+
+def test_cosine_schedule_falls_from_lr_to_the_floor():
+    t = TrainConfig().train
+    t.lr_schedule, t.lr, t.steps, t.lr_floor = "cosine", 2e-3, 101, 0.05
+    lrs = [train_mod.lr_at(s, t) for s in range(t.steps)]
+    assert lrs[0] == pytest.approx(2e-3) and lrs[-1] == pytest.approx(2e-3 * 0.05)
+    assert lrs[50] == pytest.approx(2e-3 * (0.05 + 0.95 * 0.5))
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
 
 
 def test_config_rules_and_dataset_checks_before_work(tiny_shards, tmp_path):
@@ -188,3 +198,24 @@ def test_bad_set_is_one_error_line_and_exit_2(tiny_shards, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: train.steps")
     assert train_mod.main(["--set", "nodot"]) == 2
+
+
+def test_validation_does_not_modify_float_targets():
+    """Targets moved to a "mean" model's geometry are float arrays; validating must leave them
+    as they were (a second validation gives the same PSNR)."""
+    import contextlib
+
+    from trainer.model import ModelConfig, build_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(width=4, mults=[1, 2]))
+    rng = np.random.default_rng(0)
+    val = {"keys": ["a", "b"], "burst": rng.integers(0, 256, (2, 3, 16, 16, 3), dtype=np.uint8),
+           "target": rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)}
+    val["targets"] = {2: val["target"].astype(np.float32) + 0.25}
+    before = val["targets"][2].copy()
+    first, _ = train_mod.validate(model, val, [2], 2, torch.device("cpu"), contextlib.nullcontext, False)
+    second, _ = train_mod.validate(model, val, [2], 2, torch.device("cpu"), contextlib.nullcontext, False)
+    np.testing.assert_array_equal(val["targets"][2], before)
+    assert first[2]["psnr"] == second[2]["psnr"]

@@ -1,4 +1,4 @@
-"""`python -m trainer {train,evaluate,deblur} ...`: a thin dispatcher to each command's main(argv).
+"""`python -m trainer {train,evaluate,deblur,export} ...`: a thin dispatcher to each command's main(argv).
 
 User errors (bad config, missing files, bad input) from any command become one `error:` line on
 stderr and exit status 2.
@@ -17,7 +17,8 @@ from pipeline.config import ConfigError, one_line
 COMMANDS = {
     "train": ("trainer.train", "train the network on rendered shards"),
     "evaluate": ("trainer.evaluate", "score a checkpoint on a split against the baselines"),
-    "deblur": ("trainer.deblur", "deblur your own burst of photos with a checkpoint"),
+    "deblur": ("trainer.deblur", "deblur your own burst of photos (default: the shipped model)"),
+    "export": ("trainer.export", "write a checkpoint's weights and config for inference"),
 }
 
 USAGE = "usage: python -m trainer {" + ",".join(COMMANDS) + "} [--help] ..."

@@ -33,7 +33,9 @@ class TrainSection:
     seed: int = 0  # model init, and every batch: batch s of rank r is a function of (seed, r, s)
     lr: float = 3e-3
     optimizer: str = "adam"  # "adam" (paper) | "radam" (the public re-implementation)
+    lr_schedule: str = "exp"  # "exp": lr · lr_decay^step (paper) | "cosine": lr → lr_floor · lr over train.steps
     lr_decay: float = 0.999997  # lr(step) = lr · lr_decay^step after warmup (paper: per step)
+    lr_floor: float = 0.02  # cosine only: the last step's lr as a fraction of lr
     warmup_steps: int = 0  # linear warmup from lr/warmup_steps to lr
     grad_clip: float = 0.0  # max global grad norm; 0 = off
     crop: int = 128  # training crop side, px (<= the stored size)
@@ -65,6 +67,8 @@ class TrainSection:
         check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
         check(self.optimizer in ("adam", "radam"), f"train.optimizer must be 'adam' or 'radam', got '{self.optimizer}'")
         check(0 < self.lr_decay <= 1, f"train.lr_decay must be in (0, 1], got {self.lr_decay}")
+        check(self.lr_schedule in ("exp", "cosine"), f"train.lr_schedule must be 'exp' or 'cosine', got '{self.lr_schedule}'")
+        check(0 <= self.lr_floor <= 1, f"train.lr_floor must be in [0, 1], got {self.lr_floor}")
         check(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
         check(self.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
         check(self.min_frames <= self.max_frames,

@@ -238,41 +238,122 @@ def iter_samples(data_dir: str | Path, split: str) -> Iterator[dict]:
 def load_val_set(data_dir: str | Path, split: str, count: int) -> dict:
     """The first ``count`` samples of ``split`` in key order, stacked, for validation.
 
-    Returns {"keys": list[str], "burst": uint8 (count, N, H, W, 3), "target": uint8 (count, H, W, 3)}.
+    Returns {"keys": list[str], "burst": uint8 (count, N, H, W, 3), "target": uint8 (count, H, W, 3),
+    "shift": float64 (count, N, 2) the frames' residual shifts}.
     """
-    keys, bursts, targets = [], [], []
+    keys, bursts, targets, shifts = [], [], [], []
     for sample in iter_samples(data_dir, split):
         if len(keys) == count:
             break
         keys.append(sample["key"])
         bursts.append(sample["burst"])
         targets.append(sample["target"])
+        shifts.append(frame_shifts(sample["meta"], sample["burst"].shape[0]))
     if len(keys) < count:
         raise DataError(f"{data_dir}: split '{split}' has {len(keys)} samples, {count} wanted for validation")
-    return {"keys": keys, "burst": np.stack(bursts), "target": np.stack(targets)}
+    return {"keys": keys, "burst": np.stack(bursts), "target": np.stack(targets), "shift": np.stack(shifts)}
 
 
 # ----------------------------------------------------------------------------- augmentation
 
 
-def augment(burst: np.ndarray, target: np.ndarray, n: int, crop: int, rng: np.random.Generator
-            ) -> tuple[np.ndarray, np.ndarray]:
+def augment(burst: np.ndarray, target: np.ndarray, n: int, crop: int, rng: np.random.Generator,
+            shifts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """One random crop/flip/rotation applied jointly to burst and target, and n of the frames.
 
-    burst: uint8 (N, H, W, 3), target: uint8 (H, W, 3) -> burst uint8 (n, crop, crop, 3) made of a
-    random subset of n frames in random order, target uint8 (crop, crop, 3). A horizontal flip
-    and k·90° rotations give all 8 symmetries of the square with equal probability.
+    burst: uint8 (N, H, W, 3), target: uint8 (H, W, 3) -> burst uint8 (n, crop, crop, 3) made of
+    stored frame 0 (the burst's reference, whose geometry the target has) followed by a random
+    subset of n - 1 of the other frames in random order (``reference_subset``), target uint8
+    (crop, crop, 3). A horizontal flip and k·90° rotations give all 8 symmetries of the square
+    with equal probability.
+
+    ``shifts`` (N, 2), the frames' residual shifts, given for a model of geometry "mean": the
+    target is then cut at the mean shift of the chosen frames (``shifted_crop``, float32 0..255),
+    and the crop keeps |mean shift| + 3 px away from the borders so that it stays exact.
     """
     frames, h, w, _ = burst.shape
-    order = rng.permutation(frames)[:n]
-    y, x = int(rng.integers(h - crop + 1)), int(rng.integers(w - crop + 1))
+    order = reference_subset(rng, frames, n)
+    m = shifts[order].mean(axis=0) if shifts is not None else np.zeros(2)
+    margin = int(np.ceil(np.abs(m).max())) + LANCZOS if m.any() else 0
+    y = margin + int(rng.integers(h - crop + 1 - 2 * margin))
+    x = margin + int(rng.integers(w - crop + 1 - 2 * margin))
     flip, k = bool(rng.integers(2)), int(rng.integers(4))
     b = burst[order, y:y + crop, x:x + crop]
-    t = target[y:y + crop, x:x + crop]
+    t = shifted_crop(target, y, x, crop, (float(m[0]), float(m[1]))) if m.any() else target[y:y + crop, x:x + crop]
     if flip:
         b, t = b[:, :, ::-1], t[:, ::-1]
     b, t = np.rot90(b, k, axes=(1, 2)), np.rot90(t, k, axes=(0, 1))
     return np.ascontiguousarray(b), np.ascontiguousarray(t)
+
+
+LANCZOS = 3  # taps on each side of the Lanczos kernel that moves targets by a sub-pixel amount
+
+
+def lanczos_weights(t: float) -> np.ndarray:
+    """Weights of samples k = -2..3 (float64 (6,), sum 1) interpolating a signal at k = t, t in [0, 1)."""
+    x = t - np.arange(1 - LANCZOS, LANCZOS + 1)
+    w = np.sinc(x) * np.sinc(x / LANCZOS)
+    return w / w.sum()
+
+
+def shifted_crop(image: np.ndarray, y0: int, x0: int, crop: int, shift: tuple[float, float]) -> np.ndarray:
+    """The crop×crop window at (y0, x0) of ``image`` moved by ``shift`` = (dx, dy) px: float32
+    out[y, x] = image(y0 + y - dy, x0 + x - dx), Lanczos-3 interpolated (exact for integer
+    shifts). image: uint8 or float (H, W, 3); the window, grown by |shift| + 3 px, must lie inside.
+
+    A burst's frame f shows the scene moved by its residual shift s_f (its kernel's centroid);
+    the target of a fully permutation-invariant model is the scene at the mean shift of the frames
+    it is given, so that the output geometry follows from the frames alone.
+    """
+    out = image
+    for axis, (start, d) in ((0, (y0, shift[1])), (1, (x0, shift[0]))):
+        q = start - d  # the source coordinate of the window's first row/column
+        i = int(np.floor(q))
+        t = q - i
+        lo = i - (LANCZOS - 1)
+        if lo < 0 or i + crop + LANCZOS > image.shape[axis]:
+            raise ValueError(f"shifted crop at {start} (shift {d:+.2f}) leaves the {image.shape[axis]} px image")
+        if t == 0.0:
+            out = np.take(out, np.arange(i, i + crop), axis=axis).astype(np.float32)
+            continue
+        w = lanczos_weights(t).astype(np.float32)
+        acc = np.zeros(out.shape[:axis] + (crop,) + out.shape[axis + 1:], np.float32)
+        for k, wk in enumerate(w):
+            acc += wk * np.take(out, np.arange(lo + k, lo + k + crop), axis=axis)
+        out = acc
+    if np.issubdtype(image.dtype, np.integer):  # Lanczos rings a little past the range at edges
+        np.clip(out, 0.0, float(np.iinfo(image.dtype).max), out=out)
+    return out
+
+
+def frame_shifts(meta: dict, frames: int) -> np.ndarray:
+    """float64 (frames, 2): each stored frame's residual shift (dx, dy) px from a sample's json
+    (zeros for datasets rendered without misalignment)."""
+    shift = np.asarray(meta.get("shift", np.zeros((frames, 2))), dtype=np.float64)
+    if shift.shape != (frames, 2) or not np.isfinite(shift).all():
+        raise DataError(f"sample {meta.get('key', '?')}: json 'shift' is not {frames} finite (dx, dy) pairs")
+    return shift
+
+
+def geometry_target(target: np.ndarray, shifts: np.ndarray, geometry: str) -> np.ndarray:
+    """The image an output of a model with ``geometry`` is scored against, for frames whose
+    residual shifts are ``shifts`` (n, 2): the stored target itself for "reference" (frame 0, the
+    reference, has the target's geometry) or when the frames are registered; for "mean", the
+    target moved to the frames' mean shift (float32, 0..255; the borders, which the shift would
+    bring in from outside the stored crop, are mirrored)."""
+    m = shifts.mean(axis=0)
+    if geometry != "mean" or not m.any():
+        return target
+    pad = int(np.ceil(np.abs(m).max())) + LANCZOS
+    padded = np.pad(target, ((pad, pad), (pad, pad), (0, 0)), mode="reflect")
+    return shifted_crop(padded, pad, pad, target.shape[0], (float(m[0]), float(m[1])))
+
+
+
+def reference_subset(rng: np.random.Generator, stored: int, n: int) -> np.ndarray:
+    """n stored-frame indices: 0 (the reference: the frame the others were registered to, with
+    the target's geometry), then n - 1 of frames 1..stored-1 in random order. int64 (n,)."""
+    return np.concatenate([[0], 1 + rng.permutation(stored - 1)[:n - 1]]).astype(np.int64)
 
 
 def burst_length(seed: int, step: int, lo: int, hi: int) -> int:
@@ -295,7 +376,7 @@ class TrainStream(torch.utils.data.IterableDataset):
     def __init__(self, data_dir: str | Path, split: str, *, steps: int, batch_size: int, seed: int,
                  crop: int, min_frames: int, max_frames: int, shuffle_buffer: int,
                  num_workers: int = 0, rank: int = 0, world_size: int = 1, start_step: int = 0,
-                 on_bad_shard: str = "error"):
+                 on_bad_shard: str = "error", geometry: str = "reference"):
         manifest = read_manifest(data_dir)
         self.frames, self.size = stored_shape(manifest)
         if crop > self.size or max_frames > self.frames:
@@ -303,6 +384,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         self.steps, self.batch_size, self.seed = steps, batch_size, seed
         self.crop, self.min_frames, self.max_frames = crop, min_frames, max_frames
         self.shuffle_buffer, self.on_bad_shard = shuffle_buffer, on_bad_shard
+        self.geometry = geometry  # the model's output geometry: where the targets are cut
         self.num_workers = num_workers  # DataLoader processes; 0 reads in the main process
         self.workers = max(1, num_workers)  # readers per rank
         self.rank, self.world_size, self.start_step = rank, world_size, start_step
@@ -358,7 +440,8 @@ class TrainStream(torch.utils.data.IterableDataset):
     def _collate(self, samples: list[dict], step: int, slot: int, state: _ReaderState) -> dict:
         n = burst_length(self.seed, step, self.min_frames, self.max_frames)
         rng = np.random.default_rng([self.seed, _TAG_AUGMENT, self.rank, step])
-        pairs = [augment(s["burst"], s["target"], n, self.crop, rng) for s in samples]
+        mean = self.geometry == "mean"
+        pairs = [augment(s["burst"], s["target"], n, self.crop, rng, s["shift"] if mean else None) for s in samples]
         return {
             "burst": torch.from_numpy(np.stack([b for b, _ in pairs])),
             "target": torch.from_numpy(np.stack([t for _, t in pairs])),
@@ -437,7 +520,14 @@ class TrainStream(torch.utils.data.IterableDataset):
                 state.warn_once(raw.get("__key__"), f"skipping {e}")
                 continue
             sample["shard"] = shard.name
-            del sample["meta"]  # unused in training; keeps the buffer small
+            try:
+                sample["shift"] = frame_shifts(sample.pop("meta"), self.frames)  # the rest is unused in training
+            except DataError as e:
+                if not skip:
+                    raise DataError(f"shard {shard.path}: {e}") from None
+                state.skipped_samples += 1
+                state.warn_once(raw.get("__key__"), f"skipping {e}")
+                continue
             yield sample
 
 

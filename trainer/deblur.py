@@ -582,7 +582,11 @@ def deblur_frames(model: torch.nn.Module, frames: Sequence[np.ndarray], referenc
     frames: RGB uint8 (H, W, 3) sRGB, same size. Returns float32 (H, W, 3) sRGB in [0, 1].
     """
     if align and len(frames) > 1:
-        frames, _, _ = align_burst(frames, reference, motion, align_size, names=names, log=log)
+        frames, ref, _ = align_burst(frames, reference, motion, align_size, names=names, log=log)
+    else:
+        ref = 0 if reference == "auto" else int(reference) % len(frames)
+    # the model takes the reference (the output's geometry) as frame 0; the others' order is free
+    frames = [frames[ref]] + [f for i, f in enumerate(frames) if i != ref]
     return run_tiled(model, frames, tile, overlap, device, batch, precision, progress)
 
 
@@ -612,7 +616,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m trainer deblur",
         description="Deblur a burst of handheld photos with a trained checkpoint: align the frames "
                     "to a reference, run the model in overlapping tiles, write one sharp image.")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint written by `python -m trainer train`")
+    p.add_argument("--checkpoint", default=None,
+                   help="a checkpoint written by `python -m trainer train` (default: the shipped model, "
+                        "models/burst-deblur.pt)")
     p.add_argument("frames", nargs="+", metavar="FRAME", help="the burst's photos (any order, same size)")
     p.add_argument("--out", required=True, help="output image; the format follows the extension (.png: 8-bit)")
     p.add_argument("--reference", default="auto",
@@ -639,7 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from trainer.model import load
+    from trainer.model import default_checkpoint, load
 
     if args.reference != "auto":
         try:
@@ -665,7 +671,7 @@ def main(argv: list[str] | None = None) -> int:
     # one 512-px tile of 8 frames through the paper-size model takes ~6 GB in fp32 (measured on CPU)
     batch = args.batch or (2 if device.type == "cuda" else 1)
 
-    model = load(args.checkpoint, device)
+    model = load(default_checkpoint(args.checkpoint), device)
     frames = load_frames(args.frames)
     if isinstance(args.reference, int) and not -len(frames) <= args.reference < len(frames):
         raise ValueError(f"--reference {args.reference} is out of range for {len(frames)} frames")

@@ -8,7 +8,11 @@ N])), so the result does not depend on batching or devices and every method sees
 in the same order. Methods: ``model`` (the checkpoint, fp32 with TF32 off, output clipped to
 [0, 1]), ``fba`` (Fourier Burst Accumulation), ``mean``, ``first`` (first frame of the subset),
 ``best`` (oracle: the subset's frame with the best PSNR against the target). Metrics: PSNR and
-SSIM of trainer/metrics.py on sRGB in [0, 1] (uint8 / 255), whole image, no border crop.
+SSIM of trainer/metrics.py on sRGB in [0, 1] (uint8 / 255), whole image, no border crop. The
+target has the geometry the model's output has (``trainer.data.geometry_target``): the stored
+target for a "reference" model or registered frames; for a "mean" model and misaligned frames,
+the stored target moved to the mean shift of the subset's frames (every method is scored against
+that same target).
 
 Outputs in --out (default: <checkpoint folder>/eval-<split>):
 - metrics.csv: one row per (sample, method, N): key, method, frames (N), subset (the stored frame
@@ -36,7 +40,8 @@ import torch
 from tqdm import tqdm
 
 from trainer import baselines
-from trainer.data import iter_samples, read_manifest, split_shards, stored_shape
+from trainer.data import (frame_shifts, geometry_target, iter_samples, read_manifest, reference_subset,
+                          split_shards, stored_shape)
 from trainer.deblur import resolve_device
 from trainer.metrics import psnr, ssim
 
@@ -46,9 +51,10 @@ EXAMPLE_FRAMES = 3  # input frames shown per example row
 
 
 def frame_subset(seed: int, sample_index: int, n: int, stored: int) -> np.ndarray:
-    """The N stored-frame indices (int64, in the order used) that every method sees for a sample."""
+    """The N stored-frame indices (int64, in the order used) that every method sees for a sample:
+    the reference frame 0 first, then N - 1 others (``trainer.data.reference_subset``)."""
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, sample_index, n])))
-    return rng.choice(stored, size=n, replace=False)
+    return reference_subset(rng, stored, n)
 
 
 def interval(values) -> dict:
@@ -114,6 +120,7 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path, split: str = "test", 
     out_dir = Path(out_dir) if out_dir is not None else checkpoint.parent / f"eval-{split}"
     dev = resolve_device(device)
     model = load(checkpoint, dev)
+    geometry = model.cfg.geometry  # where its output sits for misaligned frames: the targets follow
     out_dir.mkdir(parents=True, exist_ok=True)
     total = int(manifest["splits"][split].get("samples", 0)) or None
     dataset = manifest.get("config", {}).get("dataset", {}).get("name", data_dir.name)
@@ -130,7 +137,8 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path, split: str = "test", 
             with exact_fp32():
                 outputs = run_model(model, bursts, dev)
             for (index, sample), subset, burst, output in zip(chunk, subsets, bursts, outputs):
-                target = sample["target"].astype(np.float64) / 255
+                shifts = frame_shifts(sample["meta"], stored)[subset]
+                target = geometry_target(sample["target"], shifts, geometry).astype(np.float64) / 255
                 burst = burst.astype(np.float64) / 255
                 images = {"model": output, "fba": baselines.fba(burst), "mean": baselines.mean_frames(burst),
                           "first": baselines.first_frame(burst), "best": baselines.best_frame(burst, target)}
@@ -180,7 +188,7 @@ def summarize(rows: list[dict], lengths: list[int]) -> dict:
                             "ssim": interval([r["ssim"] for r in by[m, n]])}
                    for n in lengths} for m in METHODS}
     differences = {}
-    for other in ("fba", "mean"):
+    for other in ("fba", "mean", "best"):
         differences[f"model-{other}"] = {
             str(n): {"psnr": interval([a["psnr"] - b["psnr"] for a, b in zip(by["model", n], by[other, n])]),
                      "ssim": interval([a["ssim"] - b["ssim"] for a, b in zip(by["model", n], by[other, n])])}
@@ -285,7 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m trainer evaluate",
         description="Score a checkpoint on a split of rendered shards against FBA, mean, first and "
                     "best (oracle) frame, for every burst length: PSNR/SSIM table, CSV, JSON, plots.")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint written by `python -m trainer train`")
+    p.add_argument("--checkpoint", default=None,
+                   help="a checkpoint written by `python -m trainer train` (default: the shipped model, "
+                        "models/burst-deblur.pt)")
     p.add_argument("--data", required=True, help="a dataset folder written by `python -m pipeline render`")
     p.add_argument("--split", default="test", help="split to evaluate (default: test)")
     p.add_argument("--out", default=None, help="output folder (default: <checkpoint folder>/eval-<split>)")
@@ -309,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--frames must be comma-separated integers, got '{args.frames}'") from None
         if not frames:
             raise ValueError("--frames is empty")
+    from trainer.model import default_checkpoint
+
+    args.checkpoint = default_checkpoint(args.checkpoint)
     summary = evaluate(args.checkpoint, args.data, args.split, args.out, frames, args.seed, args.device,
                        args.batch, args.examples, progress=not args.quiet)
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / f"eval-{args.split}"

@@ -46,6 +46,13 @@ class ModelConfig:
     # compute the max half of every set conv once per burst instead of once per frame (same
     # weights, same numerics up to float rounding); false = the plain concatenation, for benchmarks
     fused: bool = True
+    # Where the output image sits when the frames are not perfectly registered:
+    # "mean": at the mean position of the given frames; the network is fully permutation
+    #   invariant (the paper's). Checkpoints whose config lacks the key load as "mean".
+    # "reference": at frame 0's position (the frame the others were registered to); its track gets
+    #   a learned offset after the stem so the net can tell it apart; the output is invariant to
+    #   the order of frames 1..N-1 only.
+    geometry: str = "mean"
 
     def validate(self) -> None:
         check(1 <= self.width <= 4096, f"model.width must be in 1..4096, got {self.width}")
@@ -55,6 +62,8 @@ class ModelConfig:
               f"model.out_mult gives {round(self.width * self.out_mult)} output channels; must be >= 1")
         check(1 <= self.convs_per_block <= 16,
               f"model.convs_per_block must be in 1..16, got {self.convs_per_block}")
+        check(self.geometry in ("mean", "reference"),
+              f"model.geometry must be 'mean' or 'reference', got '{self.geometry}'")
 
     @property
     def multiple(self) -> int:
@@ -168,6 +177,8 @@ class BurstDeblurNet(nn.Module):
         k, fused = cfg.convs_per_block, cfg.fused
 
         self.stem = conv3x3(3, enc[0])
+        if cfg.geometry == "reference":
+            self.reference_embed = nn.Parameter(torch.zeros(enc[0]))
         # level 0 keeps the resolution; every deeper level starts with a stride-2 set conv
         self.encoders = nn.ModuleList(
             SetBlock(enc[max(i - 1, 0)], enc[i], k, stride=1 if i == 0 else 2, fused=fused)
@@ -213,7 +224,12 @@ class BurstDeblurNet(nn.Module):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
 
-        x = F.elu(self.stem(x), inplace=True)
+        x = self.stem(x)
+        if self.cfg.geometry == "reference":  # mark the reference frame's track: (B*N, C, H, W), frame 0 of each burst
+            y = x.unflatten(0, (-1, n))
+            y = torch.cat([y[:, :1] + self.reference_embed.view(1, 1, -1, 1, 1), y[:, 1:]], dim=1)
+            x = same_format(y.flatten(0, 1), x)
+        x = F.elu(x, inplace=True)
         skips = []
         for encoder in self.encoders:
             x = encoder(x, n)
@@ -230,6 +246,20 @@ def build_model(cfg: ModelConfig) -> BurstDeblurNet:
 
 
 # ----------------------------------------------------------------------------- checkpoints
+
+
+# The pretrained model shipped in git (models/README.md is its card): what `deblur` and
+# `evaluate` use when no --checkpoint is given.
+SHIPPED = Path(__file__).resolve().parents[1] / "models" / "burst-deblur.pt"
+
+
+def default_checkpoint(checkpoint: str | Path | None) -> Path:
+    """``checkpoint``, or the shipped model when it is None (FileNotFoundError if that is missing)."""
+    if checkpoint is not None:
+        return Path(checkpoint)
+    if not SHIPPED.is_file():
+        raise FileNotFoundError(f"no --checkpoint given and no shipped model at {SHIPPED} (run `make pretrained`)")
+    return SHIPPED
 
 
 def _strip_prefixes(state: dict) -> dict:

@@ -54,8 +54,13 @@ class TrainingDiverged(RuntimeError):
 
 
 def lr_at(step: int, t: TrainSection) -> float:
-    """Learning rate of update ``step`` (0-based): linear warmup, then lr · lr_decay^step."""
+    """Learning rate of update ``step`` (0-based): linear warmup, then lr · lr_decay^step ("exp",
+    the paper's), or a cosine from lr down to lr_floor · lr at the last step ("cosine": it depends
+    on train.steps, so resuming with more steps changes the rest of the schedule)."""
     warm = min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps > 0 else 1.0
+    if t.lr_schedule == "cosine":
+        progress = step / max(t.steps - 1, 1)
+        return t.lr * warm * (t.lr_floor + (1.0 - t.lr_floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
     return t.lr * warm * t.lr_decay**step
 
 
@@ -86,7 +91,8 @@ def to_device(batch: dict, device: torch.device, channels_last: bool) -> tuple[t
     """uint8 burst (B, n, H, W, 3) and target (B, H, W, 3) -> float on ``device`` in [0, 1]:
     burst (B, n, 3, H, W), target (B, 3, H, W). The conversion runs on the device."""
     burst = batch["burst"].to(device, non_blocking=True).permute(0, 1, 4, 2, 3).float().div_(255)
-    target = batch["target"].to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+    # not in place: a float target (moved to the frames' mean geometry) may be the caller's array
+    target = batch["target"].to(device, non_blocking=True).permute(0, 3, 1, 2).float() / 255
     if not channels_last:  # the permuted views are channels-last in memory already
         burst, target = burst.contiguous(), target.contiguous()
     return burst, target
@@ -120,7 +126,7 @@ def baseline_psnr(val: dict, lengths: list[int]) -> dict[int, float]:
     """Mean PSNR of the mean of the first n frames, per n: the bar the network must clear."""
     out = {}
     for n in lengths:
-        scores = [psnr(mean_frames(b[:n] / 255.0), t / 255.0) for b, t in zip(val["burst"], val["target"])]
+        scores = [psnr(mean_frames(b[:n] / 255.0), t / 255.0) for b, t in zip(val["burst"], val["targets"][n])]
         out[n] = float(np.mean(scores))
     return out
 
@@ -142,7 +148,7 @@ def validate(model: torch.nn.Module, val: dict, lengths: list[int], batch_size: 
         loss_sum, scores, outputs = 0.0, [], []
         for i in range(0, count, batch_size):
             batch = {"burst": torch.from_numpy(val["burst"][i:i + batch_size, :n]),
-                     "target": torch.from_numpy(val["target"][i:i + batch_size])}
+                     "target": torch.from_numpy(val["targets"][n][i:i + batch_size])}
             burst, target = to_device(batch, device, channels_last)
             with autocast():
                 pred = model(burst)
@@ -255,11 +261,14 @@ def _train(cfg: TrainConfig, out_dir: Path, ckpt: dict | None, manifest: dict, d
     stream = data_mod.TrainStream(
         cfg.data.dir, cfg.data.train, steps=t.steps, batch_size=t.batch_size, seed=t.seed, crop=t.crop,
         min_frames=t.min_frames, max_frames=t.max_frames, shuffle_buffer=t.shuffle_buffer,
-        num_workers=t.num_workers, rank=rank, world_size=world, start_step=step, on_bad_shard=t.on_bad_shard)
+        num_workers=t.num_workers, rank=rank, world_size=world, start_step=step, on_bad_shard=t.on_bad_shard,
+        geometry=cfg.model.geometry)
     batches = data_mod.train_loader(stream, pin_memory=device_kind == "cuda")  # a generator of batches
     val, baseline, writer = None, {}, None
     if master:
         val = data_mod.load_val_set(cfg.data.dir, cfg.data.val, t.val_samples)
+        val["targets"] = {n: np.stack([data_mod.geometry_target(tg, sh[:n], cfg.model.geometry)
+                                       for tg, sh in zip(val["target"], val["shift"])]) for n in t.val_frames}
         baseline = baseline_psnr(val, t.val_frames)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.toml").write_text(to_toml(to_dict(cfg)))
