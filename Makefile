@@ -11,7 +11,7 @@ RUN     ?= runs/default
 WORKERS ?= 2
 ENGINE  ?= ray
 
-.PHONY: help setup shards inspect verify train eval all test bench clean
+.PHONY: help setup shards inspect verify train eval all test bench quality pretrained clean
 
 help:
 	@echo "make setup    create .venv with the pinned requirements"
@@ -22,6 +22,8 @@ help:
 	@echo "make all      setup, shards, train, eval on the embedded default data"
 	@echo "make test     run the test suite"
 	@echo "make bench    run the benchmarks in bench/"
+	@echo "make quality  the quality benchmark: shipped and make-all models vs FBA on real photos"
+	@echo "make pretrained  reproduce the shipped model models/burst-deblur.pt (~1 h on a CPU)"
 
 setup: $(STAMP)
 
@@ -58,6 +60,20 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_render.py
 	$(BIN)/python bench/bench_train.py --device cpu --batch 2 --size 64 --width 16 --steps 3
 	$(BIN)/python bench/bench_deblur.py
+
+# The quality benchmark (bench/quality.py): the shipped model and the `make all` model against
+# FBA, the mean and the best frame on four renderings of the test photographs.
+quality: $(STAMP)
+	$(BIN)/python bench/quality.py --checkpoint shipped=models/burst-deblur.pt \
+		$(if $(wildcard $(RUN)/best.pt),--checkpoint make-all=$(RUN)/best.pt) --workers $(WORKERS)
+
+# The shipped model: render shards/pretrained, train (resumes), export weights + config to models/.
+pretrained: $(STAMP)
+	$(BIN)/python -m pipeline render --config configs/shards/pretrained.toml --out shards/pretrained \
+		--workers $(WORKERS) --engine $(ENGINE)
+	$(BIN)/python -m trainer train --config configs/train/pretrained.toml --data shards/pretrained \
+		--out runs/pretrained $(if $(wildcard runs/pretrained/last.pt),--resume)
+	$(BIN)/python -m trainer export --checkpoint runs/pretrained/best.pt --out models/burst-deblur.pt
 
 clean:
 	rm -rf $(VENV)

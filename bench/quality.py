@@ -1,0 +1,194 @@
+"""Quality benchmark: checkpoints against FBA, the mean and the best single frame, on real photos.
+
+Every variant is the default dataset's test split (bundled photographs never seen in training or
+validation: pipeline/sources.py SAMPLE_SETS["test"]) rendered again with one change of the
+degradation model, so all variants hold the same crops of the same photographs:
+
+    aligned     perfectly registered frames, no outliers, no JPEG: the paper's setting, and the
+                one the figures in issue 7 were measured on
+    default     the default imaging model (residual misalignment against frame 0, outlier frames,
+                some JPEG bursts): what `make eval` scores
+    misaligned  1-2 px residual misalignment (std 1.0 px per axis, clipped at 3 px), no outliers
+    unseen      a degradation family no training set had: Gaussian-like defocus (tiny shake, up to
+                3 px defocus) with per-frame shifts, strongly correlated noise, every burst JPEG
+
+    python bench/quality.py --checkpoint shipped=models/burst-deblur.pt --checkpoint make-all=runs/default/best.pt
+    python bench/quality.py --checkpoint ... --variants aligned,misaligned --json runs/quality/report.json
+
+With ``--lengths 1,2,4`` it also trains the `make all` default for 1x, 2x and 4x its steps
+(resuming one run, so the 1x and 2x checkpoints are those a shorter run would end with) and
+scores each, the "quality vs training length" table. Datasets are rendered once into
+--data-root with the local engine and reused (same config, same bytes). Prints Markdown tables
+and writes a JSON report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.config import ShardConfig, load_config  # noqa: E402
+
+VARIANTS = {
+    "aligned": ["imaging.misalign_px=0.0", "imaging.outlier_prob=0.0", "imaging.jpeg_prob=0.0"],
+    "default": [],
+    "misaligned": ["imaging.misalign_px=1.0", "imaging.misalign_max_px=3.0", "imaging.outlier_prob=0.0",
+                   "imaging.jpeg_prob=0.0"],
+    "unseen": ["kernels.scale_min=0.05", "kernels.scale_max=0.15", "kernels.defocus_max=3.0",
+               "kernels.jitter_points=16", "imaging.misalign_px=0.7", "imaging.outlier_prob=0.0",
+               "imaging.correlated_prob=1.0", "imaging.correlated_sigma=1.2", "imaging.jpeg_prob=1.0",
+               "imaging.jpeg_quality_min=60", "imaging.jpeg_quality_max=80"],
+}
+BASELINES = ("fba", "mean", "best")
+
+
+def variant_config(name: str, samples: int, shard_config: str) -> ShardConfig:
+    """The default config's test split alone, with the variant's overrides."""
+    import tomllib
+
+    data = tomllib.loads((ROOT / shard_config).read_text())
+    test = dict(data["splits"]["test"], samples=samples, samples_per_shard=samples)
+    data["splits"] = {"test": test}
+    data["dataset"]["name"] = f"quality-{name}"
+    return load_config(ShardConfig, None, VARIANTS[name], base=data)
+
+
+def render_variant(name: str, samples: int, root: Path, shard_config: str, workers: int) -> Path:
+    from pipeline.run import render_dataset
+
+    out = root / f"quality-{name}"
+    render_dataset(variant_config(name, samples, shard_config), out, workers=workers, engine="local",
+                   progress=False)  # resumes: an existing identical dataset costs nothing
+    return out
+
+
+def score(checkpoint: Path, data: Path, out: Path, frames: list[int] | None) -> dict:
+    from trainer.evaluate import evaluate
+
+    return evaluate(checkpoint, data, "test", out, frames=frames, device="cpu", progress=False, examples=4)
+
+
+def row_means(summary: dict) -> dict:
+    """{n: {"model", "fba", "mean", "best", "model-fba": (mean, lo, hi), ...}} in dB."""
+    out = {}
+    for n in map(str, summary["frames"]):
+        m = {k: summary["methods"][k][n]["psnr"]["mean"] for k in ("model",) + BASELINES}
+        for b in BASELINES:
+            d = summary["differences"][f"model-{b}"][n]["psnr"]
+            m[f"model-{b}"] = (d["mean"], d["lo"], d["hi"])
+        out[int(n)] = m
+    return out
+
+
+def table(title: str, results: dict[str, dict]) -> str:
+    """Markdown: one row per N; a PSNR column per checkpoint, then the baselines (which do not
+    depend on the checkpoint) and each checkpoint's paired difference to FBA with its interval."""
+    names = list(results)
+    first = results[names[0]]
+    lines = [f"**{title}** (PSNR dB, {first['samples']} samples; model - FBA: paired mean [95% interval])", "",
+             "| N | " + " | ".join(names) + " | FBA | mean | best frame | " +
+             " | ".join(f"{n} - FBA" for n in names) + " |",
+             "|---" * (1 + 2 * len(names) + 3) + "|"]
+    rows = {name: row_means(s) for name, s in results.items()}
+    for n in sorted(rows[names[0]]):
+        base = rows[names[0]][n]
+        cells = [f"{rows[name][n]['model']:.2f}" for name in names]
+        cells += [f"{base[b]:.2f}" for b in BASELINES]
+        cells += ["{:+.2f} [{:+.2f}, {:+.2f}]".format(*rows[name][n]["model-fba"]) for name in names]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def train_lengths(factors: list[int], train_config: str, data: Path, run: Path, log) -> dict[str, Path]:
+    """Train the given config for factor × its steps (one run, resumed), keeping each checkpoint.
+    Returns {"1x": path, ...}: the run's best.pt at each length (chosen on validation)."""
+    from trainer.config import load_train_config
+    from trainer.train import train
+
+    base = load_train_config(ROOT / train_config, [f"data.dir={json.dumps(str(data))}"])
+    steps = base.train.steps
+    out = {}
+    for i, f in enumerate(sorted(factors)):
+        cfg = load_train_config(ROOT / train_config, [f"data.dir={json.dumps(str(data))}",
+                                                      f"train.steps={steps * f}"])
+        t0 = time.time()
+        train(cfg, run, resume=i > 0, log=lambda m: None)
+        keep = run / f"best-{f}x.pt"
+        shutil.copyfile(run / "best.pt", keep)
+        log(f"trained {f}x ({steps * f} steps) in {time.time() - t0:.0f} s -> {keep}")
+        out[f"{f}x"] = keep
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH",
+                   help="a checkpoint to score (repeatable)")
+    p.add_argument("--variants", default="aligned,default,misaligned,unseen")
+    p.add_argument("--samples", type=int, default=48, help="test crops per variant (default: 48)")
+    p.add_argument("--frames", default="", help="burst lengths to score, e.g. 1,2,4,8 (default: 1..8)")
+    p.add_argument("--shard-config", default="configs/shards/default.toml")
+    p.add_argument("--data-root", default=str(ROOT / "shards"), help="where the variant datasets are rendered")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--lengths", default="", help="e.g. 1,2,4: also train the default for these multiples of its steps")
+    p.add_argument("--train-config", default="configs/train/default.toml")
+    p.add_argument("--train-data", default=str(ROOT / "shards/default"))
+    p.add_argument("--out", default=str(ROOT / "runs/quality"))
+    p.add_argument("--json", default=None, help="report path (default: <out>/report.json)")
+    args = p.parse_args(argv)
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        print(f"error: unknown variant '{unknown[0]}' (known: {', '.join(VARIANTS)})", file=sys.stderr)
+        return 2
+    checkpoints = {}
+    for item in args.checkpoint:
+        name, sep, path = item.partition("=")
+        if not sep or not Path(path).is_file():
+            print(f"error: --checkpoint {item}: expected NAME=PATH of an existing file", file=sys.stderr)
+            return 2
+        checkpoints[name] = Path(path)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.lengths:
+        factors = [int(x) for x in args.lengths.split(",")]
+        checkpoints.update(train_lengths(factors, args.train_config, Path(args.train_data), out / "lengths", log))
+    if not checkpoints:
+        print("error: nothing to score: give --checkpoint NAME=PATH or --lengths", file=sys.stderr)
+        return 2
+
+    report = {"command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
+              "checkpoints": {k: str(v) for k, v in checkpoints.items()}, "variants": {}}
+    for variant in variants:
+        t0 = time.time()
+        data = render_variant(variant, args.samples, Path(args.data_root), args.shard_config, args.workers)
+        frames = [int(x) for x in args.frames.split(",")] if args.frames else None
+        results = {name: score(path, data, out / name / variant, frames) for name, path in checkpoints.items()}
+        report["variants"][variant] = {"overrides": VARIANTS[variant], "data": str(data),
+                                       "results": {k: row_means(s) for k, s in results.items()},
+                                       "ssim": {k: {n: s["methods"]["model"][n]["ssim"]["mean"] for n in s["methods"]["model"]}
+                                                for k, s in results.items()}}
+        text = table(f"{variant}: {' '.join(VARIANTS[variant]) or 'the default imaging model'}", results)
+        print(text + "\n", flush=True)
+        log(f"{variant}: {time.time() - t0:.0f} s")
+    path = Path(args.json) if args.json else out / "report.json"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=1) + "\n")
+    tmp.replace(path)
+    log(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
