@@ -212,14 +212,14 @@ class DatasetConfig:
 class SplitConfig:
     samples: int
     samples_per_shard: int
-    source: str  # "deadleaves" | "samples" | "samples:<set>" (bundled photos) | "dir:/path/to/photos"
+    source: str  # "deadleaves" | "samples" | "samples:<set>" (bundled photos) | "dir:/path/to/photos" | "mix:W*SRC|W*SRC"
 
     def validate(self) -> None:
         check(self.samples >= 1, f"samples must be >= 1, got {self.samples}")
         check(self.samples_per_shard >= 1, f"samples_per_shard must be >= 1, got {self.samples_per_shard}")
         check(self.source in ("deadleaves", "samples")
-              or (self.source.startswith(("dir:", "samples:")) and len(self.source.split(":", 1)[1]) > 0),
-              f"source must be 'deadleaves', 'samples[:set]' or 'dir:/path', got '{self.source}'")
+              or (self.source.startswith(("dir:", "samples:", "mix:")) and len(self.source.split(":", 1)[1]) > 0),
+              f"source must be 'deadleaves', 'samples[:set]', 'dir:/path' or 'mix:W*SOURCE|...', got '{self.source}'")
 
 
 @dataclass

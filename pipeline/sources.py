@@ -8,6 +8,9 @@ A split's ``source`` string names one of three kinds of sharp image:
   (scikit-image's data folder, matplotlib's sample data, scikit-learn's sample images), so a
   pipeline runs with no download at all. The photos come in disjoint sets (``SAMPLE_SETS``), so
   a validation split and a test split never share a photograph; ``"samples"`` is ``"samples:test"``.
+- ``"mix:W1*SPEC1|W2*SPEC2|..."``: each canvas drawn from one of the component sources with
+  probability proportional to its weight, e.g. ``"mix:0.7*deadleaves|0.3*dir:/data/photos"`` for
+  users who bring photographs (the component is drawn from the same generator first).
 - ``"deadleaves"``: procedural images of occluding disks with power-law radii (the dead-leaves
   model of Lee, Mumford & Huang; used as training data for restoration nets by Achddou et al.
   and Baradad et al.). They have edges at every scale, need no files and cost ~2.3 ms each.
@@ -99,8 +102,9 @@ class PhotoDecodeError(ValueError):
 class SourceList:
     """A scanned source: what ``draw_canvas`` draws from, and what the scan skipped.
 
-    kind: "deadleaves" or "photos". paths: usable photo files, absolute, sorted (empty for
-    dead leaves). skipped: reason (one of SKIP_REASONS) -> sorted paths skipped at scan time.
+    kind: "deadleaves", "photos" or "mix". paths: usable photo files, absolute, sorted (empty for
+    dead leaves and mixes). skipped: reason (one of SKIP_REASONS) -> sorted paths skipped at scan
+    time (a mix: its components' together). parts: a mix's (weight, SourceList) components.
     """
 
     spec: str
@@ -108,6 +112,7 @@ class SourceList:
     root: str
     paths: tuple[str, ...]
     skipped: dict[str, list[str]] = field(default_factory=dict)
+    parts: tuple = ()
 
     def name(self, path: str) -> str:
         """How a photo is named in sample metadata: relative to the folder, or its file name."""
@@ -125,6 +130,15 @@ def list_source(spec: str, min_side: int) -> SourceList:
     """
     if spec == "deadleaves":
         return SourceList(spec=spec, kind="deadleaves", root="", paths=())
+    if spec.startswith("mix:"):
+        parts = []
+        for item in parse_mix(spec):
+            parts.append((item[0], list_source(item[1], min_side)))
+        skipped: dict[str, list[str]] = {}
+        for _, part in parts:
+            for reason, files in part.skipped.items():
+                skipped.setdefault(reason, []).extend(files)
+        return SourceList(spec=spec, kind="mix", root="", paths=(), skipped=_ordered(skipped), parts=tuple(parts))
     if sample_set(spec) is not None:
         name = sample_set(spec)
         if name not in SAMPLE_SETS:
@@ -155,6 +169,24 @@ def list_source(spec: str, min_side: int) -> SourceList:
         return SourceList(spec=spec, kind="photos", root=root, paths=tuple(paths),
                           skipped=_ordered(skipped))
     raise SourceError(f"unknown source '{spec}' (expected 'deadleaves', 'samples[:set]' or 'dir:/path')")
+
+
+def parse_mix(spec: str) -> list[tuple[float, str]]:
+    """``"mix:W1*SPEC1|W2*SPEC2"`` -> [(W1, SPEC1), (W2, SPEC2)]; SourceError naming the problem.
+    Weights are positive numbers (normalized when drawing); a component may not itself be a mix."""
+    items = []
+    for text in spec[len("mix:"):].split("|"):
+        weight, sep, part = text.partition("*")
+        try:
+            w = float(weight)
+        except ValueError:
+            w = float("nan")
+        if not sep or not part or not (w > 0 and w < float("inf")):
+            raise SourceError(f"mix component '{text}' of '{spec}' is not WEIGHT*SOURCE with a positive weight")
+        if part.startswith("mix:"):
+            raise SourceError(f"mix component '{text}' of '{spec}' is itself a mix")
+        items.append((w, part))
+    return items
 
 
 def _sample_files(files=SAMPLE_FILES) -> tuple[list[str], list[str]]:
@@ -382,6 +414,12 @@ def draw_canvas(rng: np.random.Generator, source: SourceList, canvas: int, cfg) 
     """
     if source.kind == "deadleaves":
         return deadleaves(rng, canvas, cfg)
+    if source.kind == "mix":
+        weights = np.array([w for w, _ in source.parts], dtype=np.float64)
+        k = int(np.searchsorted(np.cumsum(weights / weights.sum()), rng.random(), side="right"))
+        k = min(k, len(source.parts) - 1)
+        image, info = draw_canvas(rng, source.parts[k][1], canvas, cfg)
+        return image, {**info, "mix_component": k}
     if source.kind != "photos" or not source.paths:
         raise SourceError(f"source '{source.spec}' has no photos to draw from")
     n = len(source.paths)

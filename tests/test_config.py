@@ -72,3 +72,19 @@ def test_parse_override_reads_toml_values_or_strings():
     assert parse_override("a.s=dir:/x/y") == (["a", "s"], "dir:/x/y")
     with pytest.raises(ConfigError):
         parse_override("novalue")
+
+
+def test_quality_benchmark_variants_are_valid_configs():
+    """bench/quality.py renders the default test split four ways; each must stay a valid config
+    that differs from the default only where it says."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quality", "bench/quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    default = quality.variant_config("default", 8, "configs/shards/default.toml")
+    assert list(default.splits) == ["test"] and default.splits["test"].source == "samples:test"
+    for name in quality.VARIANTS:
+        cfg = quality.variant_config(name, 8, "configs/shards/default.toml")
+        assert cfg.splits["test"].samples == 8 and cfg.dataset.seed == default.dataset.seed
+    assert quality.variant_config("aligned", 8, "configs/shards/default.toml").imaging.misalign_px == 0.0

@@ -222,6 +222,37 @@ def test_save_load_round_trip(tmp_path):
         torch.testing.assert_close(loaded(burst), model(burst), rtol=0, atol=0)
 
 
+def test_export_keeps_weights_and_config_but_no_optimizer(tmp_path):
+    from trainer.export import export
+
+    model = make_model()
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, model, optimizer={"state": {}, "param_groups": []}, best_val_psnr=30.5)
+    out = tmp_path / "model.pt"
+    info = export(path, out)
+    saved = torch.load(out, map_location="cpu", weights_only=True)
+    assert "optimizer" not in saved and saved["step"] == 10 and saved["best_val_psnr"] == 30.5
+    assert set(saved["versions"]) >= {"torch", "numpy", "code"} and info["versions"] == saved["versions"]
+    burst = rand_burst((1, 3, 3, 16, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(load(out)(burst), model(burst), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="not a burst-deblur checkpoint"):
+        export(tmp_path / "missing.pt", tmp_path / "x.pt")
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_default_checkpoint_is_the_shipped_model(tmp_path, monkeypatch):
+    import trainer.model as model_mod
+
+    assert model_mod.default_checkpoint(tmp_path / "given.pt") == tmp_path / "given.pt"
+    monkeypatch.setattr(model_mod, "SHIPPED", tmp_path / "models" / "burst-deblur.pt")
+    with pytest.raises(FileNotFoundError, match="no --checkpoint given and no shipped model at .*make pretrained"):
+        model_mod.default_checkpoint(None)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "burst-deblur.pt").write_bytes(b"x")
+    assert model_mod.default_checkpoint(None) == tmp_path / "models" / "burst-deblur.pt"
+
+
 def test_load_strips_compile_and_ddp_prefixes(tmp_path):
     model = make_model()
     state = {f"module._orig_mod.{k}": v for k, v in model.state_dict().items()}

@@ -455,3 +455,19 @@ def test_bundled_photo_sets_are_disjoint_and_named():
     assert sources.list_source("samples", 210).paths == sets["test"].paths
     with pytest.raises(sources.SourceError, match="unknown bundled photo set 'nope'"):
         sources.list_source("samples:nope", 210)
+
+
+def test_mix_source_draws_components_by_weight(tmp_path):
+    for i in range(3):
+        Image.fromarray(np.full((80, 90, 3), 40 * i, np.uint8)).save(tmp_path / f"p{i}.png")
+    src = sources.list_source(f"mix:3*deadleaves|1*dir:{tmp_path}", 64)
+    assert src.kind == "mix" and [w for w, _ in src.parts] == [3.0, 1.0]
+    infos = [sources.draw_canvas(np.random.default_rng(i), src, 64, SourceConfig())[1] for i in range(200)]
+    photos = sum(info["source"] == "photo" for info in infos)
+    assert 30 < photos < 75 and all(info["mix_component"] == (info["source"] == "photo") for info in infos)
+    a = sources.draw_canvas(np.random.default_rng(5), src, 64, SourceConfig())
+    b = sources.draw_canvas(np.random.default_rng(5), src, 64, SourceConfig())
+    np.testing.assert_array_equal(a[0], b[0])
+    for bad in ("mix:deadleaves", "mix:0*deadleaves", "mix:x*deadleaves", "mix:1*mix:1*deadleaves"):
+        with pytest.raises(sources.SourceError, match="mix component"):
+            sources.list_source(bad, 64)

@@ -34,7 +34,7 @@ def export(checkpoint: str | Path, out: str | Path) -> dict:
         "step": int(ckpt.get("step", 0)),
         "best_val_psnr": float(ckpt.get("best_val_psnr", float("nan"))),
         "val": ckpt.get("val", {}),
-        "versions": {"torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),
+        "versions": {"torch": str(torch.__version__), "numpy": str(np.__version__), "python": platform.python_version(),
                      "code": code_version()},
         "source": checkpoint.name,
     }
