@@ -63,9 +63,16 @@ def variant_config(name: str, samples: int, shard_config: str) -> ShardConfig:
 def render_variant(name: str, samples: int, root: Path, shard_config: str, workers: int) -> Path:
     from pipeline.run import render_dataset
 
+    from pipeline.config import config_hash
+    from pipeline.run import code_version
+
+    cfg = variant_config(name, samples, shard_config)
     out = root / f"quality-{name}"
-    render_dataset(variant_config(name, samples, shard_config), out, workers=workers, engine="local",
-                   progress=False)  # resumes: an existing identical dataset costs nothing
+    manifest = out / "manifest.json"
+    same = (manifest.is_file() and json.loads(manifest.read_text()).get("config_hash") == config_hash(cfg)
+            and json.loads(manifest.read_text()).get("code_version") == code_version())
+    if not same:  # an identical dataset is reused; anything else is rendered again (seconds)
+        render_dataset(cfg, out, workers=workers, engine="local", overwrite=True, progress=False)
     return out
 
 
