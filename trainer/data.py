@@ -27,8 +27,12 @@ buffer, so resuming replays at most one round (R·batch_size samples, >= 512 and
 worth) per worker; the samples left in the buffer at a round's end (<= 1/8 of those read) are
 dropped.
 
-Batches stay uint8 (B, n, crop, crop, 3) on the way to the device; the train loop converts them
-to float there.
+Every subset starts with stored frame 0, the burst's reference. For a model of geometry "mean"
+(the default) the target is cut at the mean residual shift of the frames drawn (``augment``,
+``shifted_crop``), so the output geometry follows from the frames alone.
+
+Bursts stay uint8 (B, n, crop, crop, 3) on the way to the device (targets are uint8, or float32
+0..255 when moved by a sub-pixel shift); the train loop converts them to float there.
 """
 
 from __future__ import annotations
@@ -257,35 +261,6 @@ def load_val_set(data_dir: str | Path, split: str, count: int) -> dict:
 # ----------------------------------------------------------------------------- augmentation
 
 
-def augment(burst: np.ndarray, target: np.ndarray, n: int, crop: int, rng: np.random.Generator,
-            shifts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """One random crop/flip/rotation applied jointly to burst and target, and n of the frames.
-
-    burst: uint8 (N, H, W, 3), target: uint8 (H, W, 3) -> burst uint8 (n, crop, crop, 3) made of
-    stored frame 0 (the burst's reference, whose geometry the target has) followed by a random
-    subset of n - 1 of the other frames in random order (``reference_subset``), target uint8
-    (crop, crop, 3). A horizontal flip and k·90° rotations give all 8 symmetries of the square
-    with equal probability.
-
-    ``shifts`` (N, 2), the frames' residual shifts, given for a model of geometry "mean": the
-    target is then cut at the mean shift of the chosen frames (``shifted_crop``, float32 0..255),
-    and the crop keeps |mean shift| + 3 px away from the borders so that it stays exact.
-    """
-    frames, h, w, _ = burst.shape
-    order = reference_subset(rng, frames, n)
-    m = shifts[order].mean(axis=0) if shifts is not None else np.zeros(2)
-    margin = int(np.ceil(np.abs(m).max())) + LANCZOS if m.any() else 0
-    y = margin + int(rng.integers(h - crop + 1 - 2 * margin))
-    x = margin + int(rng.integers(w - crop + 1 - 2 * margin))
-    flip, k = bool(rng.integers(2)), int(rng.integers(4))
-    b = burst[order, y:y + crop, x:x + crop]
-    t = shifted_crop(target, y, x, crop, (float(m[0]), float(m[1]))) if m.any() else target[y:y + crop, x:x + crop]
-    if flip:
-        b, t = b[:, :, ::-1], t[:, ::-1]
-    b, t = np.rot90(b, k, axes=(1, 2)), np.rot90(t, k, axes=(0, 1))
-    return np.ascontiguousarray(b), np.ascontiguousarray(t)
-
-
 LANCZOS = 3  # taps on each side of the Lanczos kernel that moves targets by a sub-pixel amount
 
 
@@ -349,11 +324,39 @@ def geometry_target(target: np.ndarray, shifts: np.ndarray, geometry: str) -> np
     return shifted_crop(padded, pad, pad, target.shape[0], (float(m[0]), float(m[1])))
 
 
-
 def reference_subset(rng: np.random.Generator, stored: int, n: int) -> np.ndarray:
     """n stored-frame indices: 0 (the reference: the frame the others were registered to, with
     the target's geometry), then n - 1 of frames 1..stored-1 in random order. int64 (n,)."""
     return np.concatenate([[0], 1 + rng.permutation(stored - 1)[:n - 1]]).astype(np.int64)
+
+
+def augment(burst: np.ndarray, target: np.ndarray, n: int, crop: int, rng: np.random.Generator,
+            shifts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One random crop/flip/rotation applied jointly to burst and target, and n of the frames.
+
+    burst: uint8 (N, H, W, 3), target: uint8 (H, W, 3) -> burst uint8 (n, crop, crop, 3) made of
+    stored frame 0 (the burst's reference, whose geometry the target has) followed by a random
+    subset of n - 1 of the other frames in random order (``reference_subset``), target uint8
+    (crop, crop, 3). A horizontal flip and k·90° rotations give all 8 symmetries of the square
+    with equal probability.
+
+    ``shifts`` (N, 2), the frames' residual shifts, given for a model of geometry "mean": the
+    target is then cut at the mean shift of the chosen frames (``shifted_crop``, float32 0..255),
+    and the crop keeps |mean shift| + 3 px away from the borders so that it stays exact.
+    """
+    frames, h, w, _ = burst.shape
+    order = reference_subset(rng, frames, n)
+    m = shifts[order].mean(axis=0) if shifts is not None else np.zeros(2)
+    margin = int(np.ceil(np.abs(m).max())) + LANCZOS if m.any() else 0
+    y = margin + int(rng.integers(h - crop + 1 - 2 * margin))
+    x = margin + int(rng.integers(w - crop + 1 - 2 * margin))
+    flip, k = bool(rng.integers(2)), int(rng.integers(4))
+    b = burst[order, y:y + crop, x:x + crop]
+    t = shifted_crop(target, y, x, crop, (float(m[0]), float(m[1]))) if m.any() else target[y:y + crop, x:x + crop]
+    if flip:
+        b, t = b[:, :, ::-1], t[:, ::-1]
+    b, t = np.rot90(b, k, axes=(1, 2)), np.rot90(t, k, axes=(0, 1))
+    return np.ascontiguousarray(b), np.ascontiguousarray(t)
 
 
 def burst_length(seed: int, step: int, lo: int, hi: int) -> int:
@@ -376,7 +379,7 @@ class TrainStream(torch.utils.data.IterableDataset):
     def __init__(self, data_dir: str | Path, split: str, *, steps: int, batch_size: int, seed: int,
                  crop: int, min_frames: int, max_frames: int, shuffle_buffer: int,
                  num_workers: int = 0, rank: int = 0, world_size: int = 1, start_step: int = 0,
-                 on_bad_shard: str = "error", geometry: str = "reference"):
+                 on_bad_shard: str = "error", geometry: str = "mean"):
         manifest = read_manifest(data_dir)
         self.frames, self.size = stored_shape(manifest)
         if crop > self.size or max_frames > self.frames:
@@ -384,7 +387,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         self.steps, self.batch_size, self.seed = steps, batch_size, seed
         self.crop, self.min_frames, self.max_frames = crop, min_frames, max_frames
         self.shuffle_buffer, self.on_bad_shard = shuffle_buffer, on_bad_shard
-        self.geometry = geometry  # the model's output geometry: where the targets are cut
+        self.geometry = geometry  # the model's output geometry (model.geometry): where targets are cut
         self.num_workers = num_workers  # DataLoader processes; 0 reads in the main process
         self.workers = max(1, num_workers)  # readers per rank
         self.rank, self.world_size, self.start_step = rank, world_size, start_step
