@@ -267,3 +267,29 @@ def test_bad_inputs_give_one_clear_error(tmp_path, checkpoint):
     with pytest.raises(ValueError, match="out of range"):
         deblur.main([*base, "--reference", "7", *paths])
     assert not (tmp_path / "o.png").exists()
+
+
+def test_the_shipped_model_is_the_default_and_beats_the_mean_of_the_frames(tmp_path):
+    """`deblur` without --checkpoint runs models/burst-deblur.pt (in git). On a motion-blurred,
+    registered 8-frame burst of a real test photograph (rendered by the pipeline, never seen in
+    training) its output is clearly closer to the sharp photo than the mean of the frames."""
+    from pipeline.config import load_shard_config
+    from pipeline.render import render_sample
+    from trainer.metrics import psnr
+    from trainer.model import SHIPPED, load
+
+    assert SHIPPED.is_file() and SHIPPED.stat().st_size < 5_000_000
+    assert load(SHIPPED).cfg.geometry == "mean"
+    cfg = load_shard_config("configs/shards/default.toml",
+                            ["imaging.misalign_px=0.0", "imaging.outlier_prob=0.0", "imaging.jpeg_prob=0.0"])
+    sample = render_sample(cfg, "test", 2)  # a strongly shaken burst (kernel RMS radius 3-7 px)
+    paths = []
+    for i, frame in enumerate(sample["burst"]):
+        paths.append(str(tmp_path / f"f{i}.png"))
+        Image.fromarray(frame).save(paths[-1])
+    out = tmp_path / "sharp.png"
+    assert deblur.main([*paths, "--out", str(out), "--no-align", "--device", "cpu", "--quiet"]) == 0
+    target = sample["target"] / 255.0
+    output = np.asarray(Image.open(out)) / 255.0
+    mean = sample["burst"].mean(axis=0) / 255.0
+    assert psnr(output, target) > psnr(mean, target) + 2.0
