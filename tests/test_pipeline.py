@@ -178,9 +178,10 @@ def test_killed_run_leaves_nothing_that_looks_complete_and_resumes_exactly(tmp_p
 def test_ctrl_c_then_rerun_gives_the_same_bytes(tmp_path):
     args = ["render", "--config", "configs/shards/default.toml", "--engine", "local", "--workers", "1",
             "--quiet", "--set", "dataset.size=48", "--set", "dataset.kernel_size=15",
-            "--set", "kernels.scale_max=2.5", "--set", "splits.train.samples=40",
+            "--set", "kernels.scale_max=2.5", "--set", "splits.train.samples=400",
             "--set", "splits.train.samples_per_shard=4", "--set", "splits.val.samples=2",
             "--set", "splits.test.samples=2"]
+    # 100 shards: the interrupt (sent once 2 are done) lands well before the end on any machine
     out = tmp_path / "c"
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args, "--out", str(out)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
