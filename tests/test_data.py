@@ -290,7 +290,6 @@ def test_shifted_crop_moves_the_image_by_the_shift():
 
 def test_mean_geometry_targets_follow_the_chosen_frames():
     """A "mean" model is scored against the target at the mean shift of the frames it gets."""
-    rng = np.random.default_rng(0)
     y, x = np.mgrid[:40, :40].astype(np.float64)
     target = np.repeat(_smooth(y, x)[..., None], 3, axis=2).astype(np.uint8)
     burst = np.stack([np.full((40, 40, 3), v, np.uint8) for v in range(4)])
@@ -306,4 +305,3 @@ def test_mean_geometry_targets_follow_the_chosen_frames():
     moved = geometry_target(target, shifts, "mean")
     m = shifts.mean(axis=0)
     np.testing.assert_allclose(moved[8:32, 8:32], shifted_crop(target, 8, 8, 24, tuple(m)), atol=1e-4)
-    del rng
