@@ -4,9 +4,20 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 
 from pipeline.config import ConfigError, one_line
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that it unwinds like Ctrl-C: the process pool or Ray
+    stops and the folder's lock is released (the default action would kill the driver on the spot)."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--retries", type=int, default=2, help="retries of a failed shard (default 2)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set splits.train.samples=100 (repeatable)")
+    p.add_argument("--max-worker-gb", type=float, default=8.0, metavar="GB",
+                   help="refuse, before any work, a config whose estimated memory per worker is "
+                        "over this (default 8; 0 = no limit)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("inspect", help="summary of a dataset, or a contact sheet of one sample",
@@ -37,7 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="contact sheet PNG (default: <dir>/<key>.png)")
 
     p = sub.add_parser("verify", help="check every shard against the manifest",
-                       description="Check sha256, sizes, sample counts and members of every shard.")
+                       description="Check sha256, sizes, sample counts and members of every shard, the "
+                                   "checksums of every kernels.zarr file, and report files that are not "
+                                   "part of the dataset (temporary files and unlisted tars are errors, "
+                                   "exit 1; other files are warnings).")
     p.add_argument("dir", help="dataset folder (with manifest.json)")
 
     args = parser.parse_args(argv)
@@ -51,9 +68,16 @@ def main(argv: list[str] | None = None) -> int:
 
             cfg = load_shard_config(args.config, args.overrides)
             out = Path(args.out) if args.out else Path("shards") / cfg.dataset.name
-            manifest = render_dataset(cfg, out, workers=args.workers, engine=args.engine,
-                                      address=args.address, overwrite=args.overwrite,
-                                      retries=args.retries, progress=not args.quiet)
+            main_thread = threading.current_thread() is threading.main_thread()
+            previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
+            try:
+                manifest = render_dataset(cfg, out, workers=args.workers, engine=args.engine,
+                                          address=args.address, overwrite=args.overwrite,
+                                          retries=args.retries, progress=not args.quiet,
+                                          max_worker_gb=args.max_worker_gb or None)
+            finally:
+                if previous is not None:
+                    signal.signal(signal.SIGTERM, previous)
             n = sum(s["samples"] for s in manifest["splits"].values())
             print(f"{out}: {n} samples in {sum(len(s['shards']) for s in manifest['splits'].values())} "
                   f"shards, config {manifest['config_hash']}")
@@ -67,18 +91,22 @@ def main(argv: list[str] | None = None) -> int:
             path = insp.contact_sheet(args.dir, split=args.split, index=args.index, key=args.key, out=args.out)
             print(f"wrote {path}")
             return 0
-        bad = insp.verify(args.dir)
-        if bad:
-            print(f"error: {bad}", file=sys.stderr)
+        report = insp.check_dataset(args.dir)  # one line per problem: errors exit 1, warnings do not
+        for line in report.errors:
+            print(f"error: {line}", file=sys.stderr)
+        for line in report.warnings:
+            print(f"warning: {line}", file=sys.stderr)
+        if report.errors:
             return 1
-        print(f"{args.dir}: every shard matches the manifest")
+        checked = " and every kernels.zarr file" if report.kernels_checked else ""
+        print(f"{args.dir}: every shard{checked} matches the manifest")
         return 0
     except (ConfigError, ValueError, OSError, KeyError, IndexError, RuntimeError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print("interrupted: finished shards are kept; run the same command again to resume", file=sys.stderr)
-        return 130
+        return 143 if isinstance(e, Terminated) else 130
 
 
 if __name__ == "__main__":

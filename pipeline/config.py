@@ -384,5 +384,46 @@ class ShardConfig:
               f"{self.dataset.kernel_size}×{self.dataset.kernel_size} kernel")
 
 
+# Working memory of one render worker, from tracemalloc peaks of render_sample (dead leaves,
+# 3 samples) while one setting was varied at a time (dev box, numpy 2 / scipy 1.16), doubled for
+# what tracemalloc does not see (FFT plans and buffers inside scipy, allocator slack):
+#   per dead-leaves disk ~680 B, per kernel point (frame x step x jitter) ~80 B, per
+#   trajectory step (frame x step) ~470 B, per canvas pixel ~70 B + ~7 B per frame.
+# Plus the interpreter with numpy/scipy/zarr/Pillow loaded, the shard's kernel rows kept until
+# the shard is written, and the photo cache. It is an estimate meant to stop absurd settings
+# (10^8 disks, 10^8 kernel steps, 64 frames of 4096²) before any work, not a tight bound.
+WORKER_BASE_BYTES = 200 * 2**20
+MEMORY_SAFETY = 2.0
+DEFAULT_MAX_WORKER_GB = 8.0
+
+
+def worker_memory(cfg: "ShardConfig") -> tuple[int, dict[str, int]]:
+    """Estimated peak bytes of one render worker for ``cfg``, and the part of each setting."""
+    d, k, s = cfg.dataset, cfg.kernels, cfg.sources
+    F, T, J, K = d.frames, k.steps, k.jitter_points, d.kernel_size
+    shard = max(sc.samples_per_shard for sc in cfg.splits.values())
+    photos = any(not sc.source.startswith("deadleaves") for sc in cfg.splits.values())
+    parts = {
+        "sources.deadleaves_max_disks": int(MEMORY_SAFETY * 680 * s.deadleaves_max_disks),
+        "kernels.steps x jitter_points x dataset.frames": int(MEMORY_SAFETY * (80 * J + 470) * F * T),
+        "dataset.size x dataset.frames": int(MEMORY_SAFETY * (70 + 7 * F) * cfg.canvas ** 2),
+        "samples_per_shard (kernel rows of a shard)": 4 * shard * F * (K * K + 2 * T),
+        "sources.photo_cache_mb": int(s.photo_cache_mb * 2**20) if photos else 0,
+    }
+    return WORKER_BASE_BYTES + sum(parts.values()), parts
+
+
+def check_worker_memory(cfg: "ShardConfig", max_gb: float | None = DEFAULT_MAX_WORKER_GB) -> None:
+    """ConfigError (one line) when one worker would need more than ``max_gb`` GiB (None: no limit)."""
+    if max_gb is None:
+        return
+    total, parts = worker_memory(cfg)
+    if total > max_gb * 2**30:
+        name, part = max(parts.items(), key=lambda kv: kv[1])
+        raise ConfigError(
+            f"one render worker would need about {total / 2**30:.1f} GiB ({name}: {part / 2**30:.1f} GiB), "
+            f"over the limit of {max_gb:g} GiB per worker: lower it, or raise the limit with --max-worker-gb")
+
+
 def load_shard_config(path: str | Path | None, overrides: list[str] = ()) -> ShardConfig:
     return load_config(ShardConfig, path, overrides)

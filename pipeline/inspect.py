@@ -1,11 +1,16 @@
-"""Look at a rendered dataset: a summary, a contact sheet of one sample, a check of every shard."""
+"""Look at a rendered dataset: a summary, a contact sheet of one sample, a check of every shard.
+
+Every read goes through pipeline.format: the manifest is validated, tar members must be regular
+files, and members are decoded by its checked decoders (a problem is one DataError line).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
-import re
+import os
 import tarfile
 from pathlib import Path
 
@@ -13,50 +18,57 @@ import numpy as np
 import zarr
 from PIL import Image, ImageDraw
 
-from pipeline.shards import KERNELS, stats_path
-
-KEY = re.compile(r"(?P<split>[a-z0-9_]+)-(?P<shard>\d{6})-(?P<index>\d{6})")
-MEMBERS = ("burst.npy", "json", "target.png")
+from pipeline.format import (KEY, LOCK, MANIFEST, MEMBERS, PLAN, STATS_DIR, DataError, check_member, check_tree,
+                             decode_json, decode_npy, decode_png, is_temporary, read_manifest_file)
+from pipeline.shards import stats_path
 
 
 def read_manifest(data_dir: str | Path) -> dict:
     """The parsed ``manifest.json`` of a dataset folder (the pipeline's and the trainer's reader).
 
-    Raises FileNotFoundError (folder or manifest missing) or ValueError (not a manifest), each
-    with a one-line message.
+    Raises FileNotFoundError (folder or manifest missing) or DataError, a ValueError (not JSON,
+    or not the structure of a manifest: ``pipeline.format.validate_manifest``), each one line.
     """
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise FileNotFoundError(f"data folder not found: {data_dir} (render it with `python -m pipeline render`)")
-    path = data_dir / "manifest.json"
+    path = data_dir / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"no manifest.json in {data_dir}: not a rendered dataset, or its render did not finish")
-    try:
-        manifest = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({str(e).splitlines()[0]})") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
-        raise ValueError(f"{path}: no 'splits' table; not a dataset manifest")
-    return manifest
+    return read_manifest_file(path)
 
 
-def read_sample(data_dir: str | Path, key: str) -> dict:
-    """Read one sample from its shard: {"key", "burst" uint8 (F,S,S,3), "target" uint8 (S,S,3), "params"}."""
+def read_sample(data_dir: str | Path, key: str, manifest: dict | None = None) -> dict:
+    """Read one sample from its shard: {"key", "burst" uint8 (F,S,S,3), "target" uint8 (S,S,3), "params"}.
+
+    Shapes are checked against the manifest (read if not given) before decoding; a member that
+    is not a regular file or does not decode is a DataError naming the shard and member.
+    """
     m = KEY.fullmatch(key)
     if not m:
         raise ValueError(f"bad sample key '{key}' (expected <split>-NNNNNN-NNNNNN)")
+    man = manifest if manifest is not None else read_manifest(data_dir)
+    F, S = man["frames"], man["size"]
     tar_path = Path(data_dir) / f"{m['split']}-{m['shard']}.tar"
     if not tar_path.is_file():
         raise FileNotFoundError(f"{tar_path}: no such shard")
-    with tarfile.open(tar_path) as tar:
-        try:
-            raw = {name: tar.extractfile(f"{key}.{name}").read() for name in MEMBERS}
-        except KeyError:
-            raise KeyError(f"sample {key} is not in {tar_path.name}") from None
+    raw = {}
+    try:
+        with tarfile.open(tar_path, mode="r:") as tar:
+            for name in MEMBERS:
+                try:
+                    info = tar.getmember(f"{key}.{name}")
+                except KeyError:
+                    raise KeyError(f"sample {key} is not in {tar_path.name}") from None
+                check_member(info, str(tar_path))
+                raw[name] = tar.extractfile(info).read()
+    except tarfile.TarError as e:
+        raise DataError(f"{tar_path}: unreadable tar ({type(e).__name__}: {e})") from None
+    where = f"{tar_path}: sample {key}"
     return {"key": key,
-            "burst": np.load(io.BytesIO(raw["burst.npy"]), allow_pickle=False),
-            "target": np.asarray(Image.open(io.BytesIO(raw["target.png"])).convert("RGB")),
-            "params": json.loads(raw["json"])}
+            "burst": decode_npy(raw["burst.npy"], f"{where}: burst.npy", (F, S, S, 3), np.uint8),
+            "target": decode_png(raw["target.png"], f"{where}: target.png", (S, S)),
+            "params": decode_json(raw["json"], f"{where}: json")}
 
 
 def _quantiles(values: list[float]) -> str:
@@ -111,9 +123,14 @@ def contact_sheet(data_dir: str | Path, split: str | None = None, index: int | N
         if index is None or not 0 <= index < n:
             raise IndexError(f"index {index} out of range for split '{split}' ({n} samples)")
         key = f"{split}-{index // per_shard:06d}-{index:06d}"
-    sample = read_sample(data_dir, key)
+    sample = read_sample(data_dir, key, man)
     params = sample["params"]
-    kern = np.asarray(zarr.open_group(str(Path(data_dir) / KERNELS), mode="r")[params["split"]][params["kernel_row"]])
+    split = key.split("-")[0]
+    kernels = zarr.open_group(str(Path(data_dir) / man["kernels"]), mode="r")[split]
+    row = params.get("kernel_row")
+    if type(row) is not int or not 0 <= row < kernels.shape[0]:
+        raise DataError(f"sample {key}: json kernel_row {row!r} is not a row of {man['kernels']}/{split}")
+    kern = np.asarray(kernels[row])
     burst, target = sample["burst"], sample["target"]
     F, S = burst.shape[0], burst.shape[1]
     pad, text_h = 4, 46
@@ -136,44 +153,127 @@ def contact_sheet(data_dir: str | Path, split: str | None = None, index: int | N
     return out
 
 
-def verify(data_dir: str | Path) -> str | None:
-    """Check every shard against the manifest: sha256, size, sample count, readable members with the
-    declared shapes. Returns None when all is well, else a one-line description of the first bad shard."""
+@dataclasses.dataclass
+class Report:
+    """What ``check_dataset`` found, one line each. ``errors``: the folder is not the dataset its
+    manifest describes (a bad shard, a missing, changed or extra kernels.zarr file, a temporary
+    file, a tar the manifest does not list); ``warnings``: other files that are not part of the
+    dataset, and kernels.zarr not checked because an older manifest records no checksums for it."""
+
+    errors: list[str]
+    warnings: list[str]
+    kernels_checked: bool
+
+
+def check_dataset(data_dir: str | Path) -> Report:
+    """Check a dataset folder against its manifest: every shard (``check_shard``), every file of
+    kernels.zarr (size and sha256, when the manifest records them), and files that are not part
+    of the dataset (``stray_files``). Raises FileNotFoundError / DataError for a bad manifest."""
+    data_dir = Path(data_dir)
     man = read_manifest(data_dir)
-    F, S = man["frames"], man["size"]
-    for split, s in man["splits"].items():
+    errors, warnings = [], []
+    for s in man["splits"].values():
         for entry in s["shards"]:
-            path = Path(data_dir) / entry["file"]
-            if not path.is_file():
-                return f"{entry['file']}: missing"
-            data = path.read_bytes()
-            if len(data) != entry["bytes"]:
-                return f"{entry['file']}: {len(data)} bytes, manifest says {entry['bytes']}"
-            if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-                return f"{entry['file']}: sha256 differs from the manifest"
-            try:
-                samples: dict[str, set] = {}
-                with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-                    for member in tar:
-                        key, _, ext = member.name.partition(".")
-                        samples.setdefault(key, set()).add(ext)
-                        raw = tar.extractfile(member).read()
-                        if ext == "burst.npy":
-                            arr = np.load(io.BytesIO(raw), allow_pickle=False)
-                            if arr.dtype != np.uint8 or arr.shape != (F, S, S, 3):
-                                return f"{entry['file']}: {member.name} is {arr.dtype} {arr.shape}"
-                        elif ext == "target.png":
-                            img = Image.open(io.BytesIO(raw))
-                            img.load()
-                            if img.size != (S, S) or img.mode != "RGB":
-                                return f"{entry['file']}: {member.name} is {img.mode} {img.size}"
-                        elif ext == "json":
-                            json.loads(raw)
-            except (tarfile.TarError, ValueError, OSError) as e:
-                return f"{entry['file']}: unreadable ({type(e).__name__}: {e})"
-            if len(samples) != entry["samples"]:
-                return f"{entry['file']}: {len(samples)} samples, manifest says {entry['samples']}"
-            for key, exts in samples.items():
-                if exts != set(MEMBERS):
-                    return f"{entry['file']}: sample {key} has members {sorted(exts)}"
+            problem = check_shard(data_dir, man, entry)
+            if problem:
+                errors.append(problem)
+    checked = "kernel_files" in man
+    if checked:
+        errors += check_tree(data_dir / man["kernels"], man["kernel_files"], man["kernels"])
+    else:
+        warnings.append(f"{man['kernels']}: not checked: this manifest (from an older pipeline) records no "
+                        "checksums of its files; render the dataset again to record them")
+    stray_errors, stray_warnings = stray_files(data_dir, man)
+    return Report(errors + stray_errors, warnings + stray_warnings, checked)
+
+
+def verify(data_dir: str | Path) -> str | None:
+    """Check every shard, kernels.zarr and the folder against the manifest (``check_dataset``).
+    Returns None when all is well, else the first error line."""
+    report = check_dataset(data_dir)
+    return report.errors[0] if report.errors else None
+
+
+def check_shard(data_dir: Path, man: dict, entry: dict) -> str | None:
+    """One shard against its manifest entry: size, sha256, then every member (a regular file, of
+    this shard's keys, decoded with the declared shapes) and the sample count. None if all is
+    well, else a one-line description of its first problem."""
+    F, S = man["frames"], man["size"]
+    file = entry["file"]
+    stem = file[:-len(".tar")]
+    split, shard = stem.rsplit("-", 1)
+    per_shard = man["config"]["splits"][split]["samples_per_shard"]
+    start = int(shard) * per_shard
+    path = data_dir / file
+    if not path.is_file():
+        return f"{file}: missing"
+    data = path.read_bytes()
+    if len(data) != entry["bytes"]:
+        return f"{file}: {len(data)} bytes, manifest says {entry['bytes']}"
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        return f"{file}: sha256 differs from the manifest"
+    samples: dict[str, set] = {}
+    seen = set()
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for member in tar:
+                check_member(member, file)
+                if member.name in seen:
+                    return f"{file}: {member.name} appears twice"
+                seen.add(member.name)
+                key, _, ext = member.name.partition(".")
+                m = KEY.fullmatch(key)
+                if not m or f"{m['split']}-{m['shard']}" != stem:
+                    return f"{file}: {member.name} is not a member of this shard (keys {stem}-NNNNNN)"
+                if not start <= int(m["index"]) < start + entry["samples"]:
+                    return f"{file}: {member.name}: index outside this shard's samples {start}..{start + entry['samples'] - 1}"
+                samples.setdefault(key, set()).add(ext)
+                raw = tar.extractfile(member).read()
+                where = f"{file}: sample {key}: {ext}"
+                if ext == "burst.npy":
+                    decode_npy(raw, where, (F, S, S, 3), np.uint8)
+                elif ext == "target.png":
+                    decode_png(raw, where, (S, S))
+                elif ext == "json":
+                    decode_json(raw, where)
+    except DataError as e:
+        return str(e)
+    except (tarfile.TarError, ValueError, OSError, EOFError) as e:
+        return f"{file}: unreadable ({type(e).__name__}: {e})"
+    if len(samples) != entry["samples"]:
+        return f"{file}: {len(samples)} samples, manifest says {entry['samples']}"
+    for key, exts in samples.items():
+        if exts != set(MEMBERS):
+            return f"{file}: sample {key} has members {sorted(exts)}"
     return None
+
+
+def stray_files(data_dir: Path, man: dict) -> tuple[list[str], list[str]]:
+    """Files in the dataset folder that the manifest does not account for, one line each, as
+    (errors, warnings). Errors: temporary files of unfinished writes (ours, zarr's), the plan file
+    of an unfinished render, tars the manifest does not list; a finished dataset holds none.
+    Warnings: any other file (a contact sheet written into the folder, notes). The render lock
+    (``.render.lock``) is ignored; files inside kernels.zarr are ``check_tree``'s."""
+    listed = {MANIFEST, LOCK}
+    for s in man["splits"].values():
+        for e in s["shards"]:
+            listed |= {e["file"], f"{STATS_DIR}/{e['file'][:-len('.tar')]}.json"}
+    errors, warnings = [], []
+    kernels = man["kernels"]
+    for folder, dirs, files in os.walk(data_dir):
+        rel_dir = Path(folder).relative_to(data_dir)
+        dirs.sort()
+        files += [d for d in dirs if (Path(folder) / d).is_symlink()]  # not walked: reported as entries
+        for name in sorted(files):
+            rel = (rel_dir / name).as_posix()
+            if is_temporary(name):
+                errors.append(f"{rel}: a temporary file of an unfinished write (a finished dataset holds none)")
+            elif rel in listed or rel.startswith(f"{kernels}/"):
+                continue
+            elif rel == PLAN:
+                errors.append(f"{rel}: a render of this folder has not finished (run it again)")
+            elif rel.endswith(".tar") and rel_dir == Path("."):
+                errors.append(f"{rel}: a tar the manifest does not list")
+            else:
+                warnings.append(f"{rel}: not part of the dataset (the manifest does not list it)")
+    return errors, warnings

@@ -11,13 +11,17 @@ pipeline code is an error unless ``overwrite``.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
+import ctypes
 import hashlib
 import json
 import logging
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -28,8 +32,11 @@ from tqdm import tqdm
 
 import pipeline
 from pipeline import sources
-from pipeline.config import ShardConfig, config_hash, to_dict
-from pipeline.shards import KERNELS, STATS_DIR, ShardJob, atomic_write_bytes, stats_path, write_shard
+from pipeline.config import DEFAULT_MAX_WORKER_GB, ShardConfig, check_worker_memory, config_hash, to_dict
+from pipeline.lock import LockHeld, RenderLock
+from pipeline.format import FORMAT, is_temporary, tree_checksums
+from pipeline.format import atomic_write_bytes
+from pipeline.shards import KERNELS, STATS_DIR, ShardJob, stats_path, write_shard
 
 PLAN = ".plan.json"
 MANIFEST = "manifest.json"
@@ -44,7 +51,7 @@ def code_version() -> str:
     """Package version + hash of the pipeline's source: the bytes depend on both."""
     h = hashlib.sha256()
     for path in sorted(Path(pipeline.__file__).parent.glob("*.py")):
-        if path.name not in ("__main__.py", "inspect.py"):  # they never touch a sample's bytes
+        if path.name not in ("__main__.py", "inspect.py", "lock.py"):  # they never touch a sample's bytes
             h.update(path.name.encode() + path.read_bytes())
     return f"{pipeline.__version__}+{h.hexdigest()[:12]}"
 
@@ -82,6 +89,18 @@ def _remove_outputs(out_dir: Path) -> None:
             shutil.rmtree(out_dir / name)
 
 
+def remove_temporary_files(out_dir: Path) -> int:
+    """Delete every temporary file (format.is_temporary) under a dataset folder: ``.<name>.tmp-<pid>``
+    of shards, stats and the manifest, zarr's ``<chunk>.<uuid>.partial``, as killed or failed
+    workers (or a full disk) leave them. Returns how many. Safe only while holding the folder's
+    lock: a live run's temporary files are in use."""
+    stray = [Path(folder) / name for folder, _, files in os.walk(out_dir) for name in files
+             if is_temporary(name)]
+    for path in stray:
+        path.unlink(missing_ok=True)
+    return len(stray)
+
+
 def prepare_dir(cfg: ShardConfig, out_dir: Path, chash: str, version: str, overwrite: bool) -> None:
     """Check an existing folder (resume or refuse), then write the plan and the zarr arrays."""
     if out_dir.exists() and not out_dir.is_dir():
@@ -108,8 +127,7 @@ def prepare_dir(cfg: ShardConfig, out_dir: Path, chash: str, version: str, overw
                               "use --overwrite to re-render it")
     if overwrite and previous is not None:
         _remove_outputs(out_dir)
-    for stale in out_dir.glob(".*.tmp-*"):  # a killed run's partial files
-        stale.unlink()
+    remove_temporary_files(out_dir)  # a killed run's partial files (no other run is live: we hold the lock)
     (out_dir / STATS_DIR).mkdir(exist_ok=True)
     plan = {"config": to_dict(cfg), "config_hash": chash, "code_version": version}
     atomic_write_bytes(out_dir / PLAN, json.dumps(plan, indent=1, sort_keys=True).encode())
@@ -136,12 +154,17 @@ def create_kernel_arrays(cfg: ShardConfig, path: Path, chash: str) -> None:
 
 
 def _local_map(jobs: list[ShardJob], workers: int, retries: int) -> Iterable[tuple[ShardJob, dict]]:
-    """Process pool; a failed shard is retried, a dead worker's pool is rebuilt."""
+    """Process pool; a failed shard is retried, a dead worker's pool is rebuilt. Workers die with
+    the driver (_die_with_parent); Ctrl-C or SIGTERM stops them at once, an error only once their
+    shards are done (those are kept)."""
     pending = {job: 0 for job in jobs}  # job -> failures so far
     ctx = mp.get_context("spawn")
     while pending:
-        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        others = set(mp.active_children())
+        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_die_with_parent,
+                                    initargs=(os.getpid(),)) as pool:
             futures = {pool.submit(write_shard, job): job for job in pending}
+            own = set(mp.active_children()) - others  # spawned by submit (spawn context)
             try:
                 for fut in cf.as_completed(futures):
                     job = futures[fut]
@@ -155,10 +178,40 @@ def _local_map(jobs: list[ShardJob], workers: int, retries: int) -> Iterable[tup
                         continue
                     del pending[job]
                     yield job, stats
-            except BaseException:
+            except BaseException as e:
                 for f in futures:
                     f.cancel()
+                if isinstance(e, KeyboardInterrupt):  # don't wait for running shards: they are lost anyway
+                    for proc in own:
+                        proc.terminate()
                 raise
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with_parent(parent: int) -> None:
+    """Pool initializer: the worker dies with the driver, even one killed by SIGKILL. Otherwise it
+    would wait on the task queue for ever (it holds the queue's write end too), keeping the
+    caller's stdout/stderr pipes open. Linux: the kernel sends SIGKILL when the parent dies
+    (prctl PR_SET_PDEATHSIG); elsewhere a thread polls the parent pid once a second."""
+    armed = False
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            armed = libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # the driver died before prctl took effect
+        os._exit(1)
+    if not armed:
+        threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
+
+
+def _exit_when_orphaned(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 def _count_failure(pending: dict, job: ShardJob, why: str, retries: int) -> None:
@@ -179,23 +232,30 @@ def start_ray(workers: int, address: str | None = None):
 
     kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
                   configure_logging=True)
+    on_sigterm = signal.getsignal(signal.SIGTERM)
     if address:
         ray.init(address=address, **kwargs)
     else:
         ray.init(num_cpus=workers, **kwargs)
+    if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_sigterm)  # ray.init sets its own (sys.exit); keep the caller's
     return ray
 
 
 def _ray_map(jobs: list[ShardJob], workers: int, retries: int, address: str | None
              ) -> Iterable[tuple[ShardJob, dict]]:
     """One Ray task per shard; Ray retries failed tasks and tasks of dead workers. An already
-    initialized Ray (e.g. started by the caller) is used as it is and left running."""
+    initialized Ray (e.g. started by the caller) is used as it is and left running. Ray started
+    here is shut down on every way out: the end, an error, Ctrl-C or SIGTERM (both unwind through
+    the finally), or the caller closing this generator."""
+    if not jobs:
+        return
     import ray
 
     started = not ray.is_initialized()
-    if started:
-        start_ray(workers, address)
     try:
+        if started:
+            start_ray(workers, address)
         task = ray.remote(num_cpus=1, max_retries=retries, retry_exceptions=True)(write_shard)
         refs = {task.remote(job): job for job in jobs}
         waiting = list(refs)
@@ -221,13 +281,40 @@ def _ray_map(jobs: list[ShardJob], workers: int, retries: int, address: str | No
 
 def render_dataset(cfg: ShardConfig, out_dir: str | Path, workers: int = 1, engine: str = "local",
                    address: str | None = None, overwrite: bool = False, retries: int = 2,
-                   progress: bool = True) -> dict:
-    """Render (or resume) the dataset of ``cfg`` into ``out_dir``; return the manifest."""
+                   progress: bool = True, max_worker_gb: float | None = DEFAULT_MAX_WORKER_GB) -> dict:
+    """Render (or resume) the dataset of ``cfg`` into ``out_dir``; return the manifest.
+
+    Refuses (ConfigError) before any work a config whose estimated memory per worker is over
+    ``max_worker_gb`` GiB (None: no limit); see pipeline.config.worker_memory.
+    Holds ``out_dir/.render.lock`` while it runs (pipeline.lock): a render of a folder that a live
+    render holds is refused before any work (RenderError naming the holder), even with ``overwrite``."""
     if engine not in ("ray", "local"):
         raise RenderError(f"unknown engine '{engine}' (use 'ray' or 'local')")
     if workers < 1:
         raise RenderError(f"--workers must be >= 1, got {workers}")
+    check_worker_memory(cfg, max_worker_gb)
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RenderError(f"output path exists and is not a folder: {out_dir}")
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)  # the lock lives inside it
+    lock = RenderLock(out_dir)
+    try:
+        lock.acquire()  # before any work: a live render of this folder stops this one here
+    except LockHeld as e:
+        raise RenderError(str(e)) from None
+    try:
+        return _render(cfg, out_dir, workers, engine, address, overwrite, retries, progress)
+    finally:
+        lock.release()  # after the pool or Ray has stopped: no worker of this run writes any more
+        if created:
+            with contextlib.suppress(OSError):  # only if empty: a run refused before any work
+                out_dir.rmdir()
+
+
+def _render(cfg: ShardConfig, out_dir: Path, workers: int, engine: str, address: str | None,
+            overwrite: bool, retries: int, progress: bool) -> dict:
+    """The render proper, run while holding the folder's lock."""
     chash, version = config_hash(cfg), code_version()
     split_sources = {}
     for split, sc in cfg.splits.items():
@@ -249,11 +336,16 @@ def render_dataset(cfg: ShardConfig, out_dir: str | Path, workers: int = 1, engi
                desc=f"render {cfg.dataset.name}", file=sys.stderr)
     mapper: Callable = _ray_map if engine == "ray" else _local_map
     args = (todo, workers, retries, address) if engine == "ray" else (todo, workers, retries)
-    with bar:
-        for done_shards, (job, stats) in enumerate(mapper(*args) if todo else (), start=1):
+    # closing: on an error or Ctrl-C in this loop the pool or Ray stops now, not when collected
+    with bar, contextlib.closing(mapper(*args)) as results:
+        for done_shards, (job, stats) in enumerate(results, start=1):
             bar.update(stats["samples"])
             bar.set_postfix(shards=f"{done_shards}/{len(todo)}")
     seconds = time.perf_counter() - t0
+    # a finished dataset holds no temporary files; swept before the manifest lists kernels.zarr's
+    stray = remove_temporary_files(out_dir)
+    if stray:
+        log.info("removed %d temporary file(s) left by failed or killed workers", stray)
     manifest = build_manifest(cfg, out_dir, chash, version, jobs, split_sources)
     manifest_text = json.dumps(manifest, indent=1, sort_keys=True).encode()
     atomic_write_bytes(out_dir / MANIFEST, manifest_text)
@@ -289,7 +381,7 @@ def build_manifest(cfg: ShardConfig, out_dir: Path, chash: str, version: str, jo
             "shards": shards,
         }
     return {
-        "format": "burst-shards/1",
+        "format": FORMAT,
         "name": cfg.dataset.name,
         "config": to_dict(cfg),
         "config_hash": chash,
@@ -302,6 +394,8 @@ def build_manifest(cfg: ShardConfig, out_dir: Path, chash: str, version: str, jo
         "members": {"burst.npy": "uint8 (frames, size, size, 3) sRGB",
                     "target.png": "uint8 (size, size, 3) sRGB", "json": "sampled parameters"},
         "splits": splits,
+        # every file of kernels.zarr (chunks and metadata), for verify: a lost chunk reads back as zeros
+        "kernel_files": tree_checksums(out_dir / KERNELS),
     }
 
 

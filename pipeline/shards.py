@@ -27,9 +27,8 @@ import zarr
 
 from pipeline import render, sources
 from pipeline.config import ShardConfig
+from pipeline.format import KERNELS, STATS_DIR, atomic_write_bytes, shard_file  # noqa: F401 - the format's names live there
 
-STATS_DIR = "stats"
-KERNELS = "kernels.zarr"
 PNG_LEVEL = 0  # zlib level of target.png (see encode_png); 0 stores the pixels uncompressed
 
 
@@ -50,10 +49,6 @@ class ShardJob:
     @property
     def file(self) -> str:
         return shard_file(self.split, self.shard)
-
-
-def shard_file(split: str, shard: int) -> str:
-    return f"{split}-{shard:06d}.tar"
 
 
 def stats_path(out_dir: str | Path, split: str, shard: int) -> Path:
@@ -146,15 +141,6 @@ def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class HashingWriter:
     """A binary file opened for writing that hashes (sha256) and counts what goes through it,
     so a shard's checksum costs no second read of the file."""
@@ -191,8 +177,23 @@ def _injected_fault(job: ShardJob) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _injected_hold(job: ShardJob) -> None:
+    """Test hook: PIPELINE_HOLD="<shard file>:<marker path>" makes the worker that starts that
+    shard create the marker and then wait (up to 10 minutes) instead of rendering it, so a test
+    can interrupt a render at a known point without racing it: the run cannot finish before the
+    signal arrives, however fast the machine."""
+    spec = os.environ.get("PIPELINE_HOLD")
+    if not spec:
+        return
+    file, marker = spec.split(":", 1)
+    if file == job.file:
+        Path(marker).touch()
+        time.sleep(600)
+
+
 def write_shard(job: ShardJob) -> dict:
     """Render samples [start, stop) of a split into one tar + its zarr rows; return its stats."""
+    _injected_hold(job)
     t0 = time.perf_counter()
     out = Path(job.out_dir)
     final = out / job.file
@@ -217,8 +218,11 @@ def write_shard(job: ShardJob) -> dict:
                 blur_px.append(round(float(np.mean(p["kernel_radius_px"])), 4))
                 noise.append(round(float(np.sqrt(p["shot_noise"] ** 2 * 0.18 + p["read_noise"] ** 2)), 6))
                 failures += p["source"].get("decode_failures", [])
-    finally:
         out_file.close()
+    except BaseException:  # a failed shard (a full disk, an error, Ctrl-C) frees its space now
+        out_file.file.close()
+        tmp.unlink(missing_ok=True)
+        raise
     # kernels first, then the tar, then the stats: only the stats file says "done"
     root = zarr.open_group(str(out / KERNELS), mode="r+")
     root[job.split][job.start:job.stop] = kern

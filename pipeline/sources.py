@@ -166,9 +166,27 @@ def list_source(spec: str, min_side: int) -> SourceList:
             skipped["unreadable"] = sorted(skipped.get("unreadable", []) + unreadable)
         if not paths:
             raise SourceError(f"no usable image in {root} ({_skip_summary(skipped, min_side)})")
+        _check_one_decodes(root, paths)
         return SourceList(spec=spec, kind="photos", root=root, paths=tuple(paths),
                           skipped=_ordered(skipped))
     raise SourceError(f"unknown source '{spec}' (expected 'deadleaves', 'samples[:set]' or 'dir:/path')")
+
+
+def _check_one_decodes(root: str, paths: list[str]) -> None:
+    """SourceError, before any work, when not one of ``paths`` decodes fully (a folder of only
+    truncated JPEGs passes the header probe). Decodes in order until the first success, so a
+    good folder costs one decode; the photos that fail later are counted by the workers."""
+    failures: dict[str, int] = {}
+    for path in paths:
+        try:
+            load_photo(path)
+            return
+        except PhotoDecodeError as e:
+            failures[e.reason] = failures.get(e.reason, 0) + 1
+        except OSError:
+            failures["unreadable"] = failures.get("unreadable", 0) + 1
+    what = ", ".join(f"{n} {reason}" for reason, n in failures.items())
+    raise SourceError(f"no image in {root} decodes ({what}; first: {os.path.basename(paths[0])})")
 
 
 def parse_mix(spec: str) -> list[tuple[float, str]]:
@@ -302,19 +320,26 @@ def _skip_summary(skipped: dict[str, list[str]], min_side: int) -> str:
 # ----------------------------------------------------------------------------- decoding
 
 
-def load_photo(path: str) -> np.ndarray:
-    """Fully decode one photo -> uint8 (H, W, 3) sRGB, EXIF orientation applied.
+def bit_depth(im: Image.Image) -> int:
+    """Bits per channel of an opened (not necessarily loaded) image: 8, 16, 32 (int) or 32 (float).
 
-    Colour values are taken as sRGB (ICC profiles are not applied). Grayscale is replicated to
-    three channels; alpha is dropped (not composited); 16-bit is scaled to 8-bit by >> 8 (the
-    full range, never clipped at 255); float images are clipped to [0, 1] and scaled by 255.
-    Multi-frame files give their first frame. Raises PhotoDecodeError for a truncated or
-    corrupt file, OSError when the file cannot be opened at all. Pillow's decompression-bomb
-    limit stays at its default.
-    """
+    Pillow has no 16-bit colour mode: it opens a 16-bit RGB(A) PNG or TIFF as "RGB"/"RGBA" and
+    keeps the top byte of each sample, which its raw mode (e.g. "RGB;16B") still tells."""
+    if im.mode in _GRAY16:
+        return 16
+    if im.mode in ("I", "F"):
+        return 32
+    raw = im.tile[0][3] if getattr(im, "tile", None) else None
+    raw = raw[0] if isinstance(raw, tuple) and raw else raw
+    return 16 if isinstance(raw, str) and ";16" in raw else 8
+
+
+def load_photo_depth(path: str) -> tuple[np.ndarray, int]:
+    """load_photo, and the file's bits per channel (see bit_depth) before the reduction to 8."""
     with open(path, "rb") as f:  # a missing/unreadable file raises OSError here, not below
         try:
             with Image.open(f) as im:
+                bits = bit_depth(im)
                 im.load()
                 im = ImageOps.exif_transpose(im)
         except Image.DecompressionBombError as e:
@@ -324,7 +349,23 @@ def load_photo(path: str) -> np.ndarray:
             raise PhotoDecodeError(path, "truncated or corrupt", _one_line(e)) from None
     if im.mode not in _SUPPORTED_MODES:
         raise PhotoDecodeError(path, "unsupported mode", im.mode)
-    return to_rgb8(im)
+    return to_rgb8(im), bits
+
+
+def load_photo(path: str) -> np.ndarray:
+    """Fully decode one photo -> uint8 (H, W, 3) sRGB, EXIF orientation applied. The one photo
+    reader of the project: the pipeline's photo sources and `deblur` both use it.
+
+    Colour values are taken as sRGB (ICC profiles are not applied). Grayscale is replicated to
+    three channels; alpha is dropped (not composited). High bit depth has one policy, grey and
+    colour alike: 16-bit samples are reduced to their top 8 bits (>> 8: the full range, never
+    clipped at 255; 32-bit integer images are taken as 16-bit data), float images are clipped
+    to [0, 1] and scaled by 255 (load_photo_depth says what the file had). The network works on
+    8-bit frames: it was trained on them. Multi-frame files give their first frame. Raises
+    PhotoDecodeError for a truncated or corrupt file or a decompression bomb (Pillow's limit,
+    Image.MAX_IMAGE_PIXELS, stays at its default), OSError when the file cannot be opened.
+    """
+    return load_photo_depth(path)[0]
 
 
 def to_rgb8(im: Image.Image) -> np.ndarray:

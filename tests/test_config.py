@@ -88,3 +88,58 @@ def test_quality_benchmark_variants_are_valid_configs():
         cfg = quality.variant_config(name, 8, "configs/shards/default.toml")
         assert cfg.splits["test"].samples == 8 and cfg.dataset.seed == default.dataset.seed
     assert quality.variant_config("aligned", 8, "configs/shards/default.toml").imaging.misalign_px == 0.0
+
+
+# ----------------------------------------------------------------------------- memory estimate
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["sources.deadleaves_max_disks=100000000"], "sources.deadleaves_max_disks"),
+    (["kernels.steps=100000000"], "kernels.steps"),
+    (["dataset.frames=64", "dataset.size=4096"], "dataset.size x dataset.frames"),
+])
+def test_absurd_memory_is_refused_before_any_work(tmp_path, overrides, needle):
+    from pipeline.run import render_dataset
+
+    cfg = tiny_config(*overrides)
+    with pytest.raises(ConfigError) as e:
+        render_dataset(cfg, tmp_path / "d", progress=False)
+    message = str(e.value)
+    assert "\n" not in message and needle in message and "--max-worker-gb" in message
+    assert not (tmp_path / "d").exists()  # nothing was created
+
+
+def test_memory_limit_is_configurable():
+    from pipeline.config import check_worker_memory, worker_memory
+
+    cfg = tiny_config("sources.deadleaves_max_disks=1000000")
+    total = worker_memory(cfg)[0]
+    check_worker_memory(cfg, max_gb=total / 2**30 * 1.01)
+    check_worker_memory(cfg, max_gb=None)
+    with pytest.raises(ConfigError):
+        check_worker_memory(cfg, max_gb=total / 2**30 * 0.99)
+
+
+def test_memory_estimate_bounds_a_measured_worker(tmp_path):
+    """The estimate is above the peak RSS of a real render worker, and not absurdly far above."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from pipeline.config import worker_memory
+
+    sets = ["splits.train.samples=3", "splits.train.samples_per_shard=3", "splits.val.samples=1",
+            "splits.test.samples=1", "splits.val.source='deadleaves'", "splits.test.source='deadleaves'",
+            "sources.deadleaves_max_disks=400000"]
+    code = ("import resource, sys; from pipeline.__main__ import main; rc = main(sys.argv[1:]); "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)")
+    cmd = [sys.executable, "-c", code, "render", "--config", "configs/shards/default.toml", "--engine", "local",
+           "--workers", "1", "--quiet", "--out", str(tmp_path / "d")]
+    for s in sets:
+        cmd += ["--set", s]
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    measured = int(proc.stdout.strip().splitlines()[-1]) * 1024  # ru_maxrss is KiB on Linux
+    estimate = worker_memory(load_shard_config(root / "configs/shards/default.toml", sets))[0]
+    assert measured < estimate < 4 * measured, (measured >> 20, estimate >> 20)

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -178,22 +177,28 @@ def test_killed_run_leaves_nothing_that_looks_complete_and_resumes_exactly(tmp_p
 def test_ctrl_c_then_rerun_gives_the_same_bytes(tmp_path):
     args = ["render", "--config", "configs/shards/default.toml", "--engine", "local", "--workers", "1",
             "--quiet", "--set", "dataset.size=48", "--set", "dataset.kernel_size=15",
-            "--set", "kernels.scale_max=2.5", "--set", "splits.train.samples=400",
+            "--set", "kernels.scale_max=2.5", "--set", "splits.train.samples=16",
             "--set", "splits.train.samples_per_shard=4", "--set", "splits.val.samples=2",
             "--set", "splits.test.samples=2"]
-    # 100 shards: the interrupt (sent once 2 are done) lands well before the end on any machine
-    out = tmp_path / "c"
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args, "--out", str(out)], cwd=ROOT,
+    # the worker holds at the start of train-000002.tar (PIPELINE_HOLD) until the interrupt comes,
+    # so the run is interrupted with two shards done and the rest not, on any machine at any load
+    out, held = tmp_path / "c", tmp_path / "held"
+    env = dict(os.environ, PIPELINE_HOLD=f"train-000002.tar:{held}")
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args, "--out", str(out)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list((out / "stats").glob("*.json"))) < 2:
+    deadline = time.time() + 300  # only a broken run gets near this; the hold is reached in seconds
+    while time.time() < deadline and not held.exists() and proc.poll() is None:
         time.sleep(0.05)
+    assert held.exists(), "the render never reached the held shard"
     os.killpg(proc.pid, signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert not (out / "manifest.json").exists()
+    # the shards finished before the hold are complete (tar + stats); the held one left nothing
     done = {p.stem for p in (out / "stats").glob("*.json")}
-    assert {p.stem for p in out.glob("*.tar")} <= done | {p.stem for p in out.glob("*.tar")}
+    tars = {p.stem for p in out.glob("*.tar")}
+    assert {"train-000000", "train-000001"} <= done and tars == done
+    assert "train-000002" not in done
     assert cli(*args, "--out", str(out)).returncode == 0
     assert cli(*args, "--out", str(tmp_path / "ref")).returncode == 0
     assert digest(out) == digest(tmp_path / "ref")
@@ -217,13 +222,19 @@ def test_dir_source_with_bad_files_is_counted_in_the_manifest(tmp_path):
     assert m["splits"]["train"]["source_files"] == 2
 
 
-@pytest.mark.parametrize("make", ["missing", "empty", "junk"])
+@pytest.mark.parametrize("make", ["missing", "empty", "junk", "truncated"])
 def test_unusable_source_folder_is_one_clear_error_before_work(tmp_path, make):
     folder = tmp_path / "photos"
     if make != "missing":
         folder.mkdir()
     if make == "junk":
         (folder / "a.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    if make == "truncated":  # headers are fine (the probe passes them), the pixel data ends early
+        rng = np.random.default_rng(0)
+        for i in range(3):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (300, 300, 3), dtype=np.uint8)).save(buf, "JPEG")
+            (folder / f"p{i}.jpg").write_bytes(buf.getvalue()[:2000])
     r = cli("render", "--config", "configs/shards/default.toml", "--engine", "local", "--out",
             str(tmp_path / "d"), "--set", f"splits.test.source='dir:{folder}'")
     assert r.returncode == 2

@@ -330,7 +330,12 @@ def test_all_photos_failing_raises_source_error(tmp_path):
     data = encoded(photo(120, 160), "PNG")
     for i in range(2):
         (tmp_path / f"cut{i}.png").write_bytes(data[: len(data) // 2])
-    src = sources.list_source(f"dir:{tmp_path}", 64)
+    # the scan decodes photos until one succeeds: a folder where none does fails before any work
+    with pytest.raises(SourceError, match=r"no image in .* decodes \(2 truncated or corrupt; first: cut0.png\)"):
+        sources.list_source(f"dir:{tmp_path}", 64)
+    # files that broke after the scan: the worker gives up after trying each of them
+    src = sources.SourceList(spec=f"dir:{tmp_path}", kind="photos", root=str(tmp_path),
+                             paths=tuple(str(tmp_path / f"cut{i}.png") for i in range(2)))
     with pytest.raises(SourceError, match="could be decoded in 2 tries"):
         sources.draw_canvas(np.random.default_rng(0), src, 64, SourceConfig())
 
