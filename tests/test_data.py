@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import io
 import json
 import shutil
@@ -36,12 +38,14 @@ def copy_dataset(src: Path, dst: Path) -> Path:
 
 
 def set_manifest_bytes(root: Path, file: str) -> None:
-    """Make the manifest list the current size of ``file`` (after a test rewrote it)."""
+    """Make the manifest list the current size and sha256 of ``file`` (after a test rewrote it),
+    so that the reader's checks past the checksum are what the test exercises."""
     manifest = json.loads((root / "manifest.json").read_text())
     for split in manifest["splits"].values():
         for shard in split["shards"]:
             if shard["file"] == file:
                 shard["bytes"] = (root / file).stat().st_size
+                shard["sha256"] = hashlib.sha256((root / file).read_bytes()).hexdigest()
     (root / "manifest.json").write_text(json.dumps(manifest))
 
 
@@ -211,6 +215,7 @@ def corrupt_header_mid_file(path: Path) -> None:
 def test_corrupt_shard_mid_stream_names_the_shard(tiny_shards, tmp_path):
     root = copy_dataset(tiny_shards, tmp_path / "ds")
     corrupt_header_mid_file(root / "train-000002.tar")
+    set_manifest_bytes(root, "train-000002.tar")  # the tar reader's own check, not the checksum
     with pytest.raises(DataError, match="train-000002.tar") as e:
         batches(stream(root, steps=40))
     assert "\n" not in str(e.value)
@@ -258,6 +263,7 @@ def test_sample_missing_a_member_or_with_wrong_dtype(tiny_shards, tmp_path):
 def test_skip_mode_counts_bad_shards_and_samples(tiny_shards, tmp_path, capsys):
     root = copy_dataset(tiny_shards, tmp_path / "ds")
     corrupt_header_mid_file(root / "train-000002.tar")
+    set_manifest_bytes(root, "train-000002.tar")
     rewrite_tar(root / "train-000000.tar", lambda name, b: None if name == "train-000000-000003.json" else b)
     set_manifest_bytes(root, "train-000000.tar")
     out = batches(stream(root, steps=40, on_bad_shard="skip"))
@@ -268,6 +274,45 @@ def test_skip_mode_counts_bad_shards_and_samples(tiny_shards, tmp_path, capsys):
     # the shard is drawn again and again (resampled), but each problem is reported once
     assert err.count("skipping the rest of shard") == 1 and "train-000002.tar: holds" in err
     assert err.count("train-000000-000003: missing member(s) json") == 1
+
+
+def flip_byte_in_burst(path: Path, nth: int = 0) -> str:
+    """Invert one pixel byte in the middle of the ``nth`` burst.npy of a tar; return its key. The
+    file keeps its size and the array its dtype and shape: only the checksum can tell."""
+    with tarfile.open(path) as tar:
+        member = [m for m in tar.getmembers() if m.name.endswith(".burst.npy")][nth]
+    raw = bytearray(path.read_bytes())
+    raw[member.offset_data + member.size // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    return member.name.split(".")[0]
+
+
+def test_byte_flip_inside_a_burst_is_caught_by_the_checksum(tiny_shards, tmp_path, capsys):
+    root = copy_dataset(tiny_shards, tmp_path / "ds")
+    path = root / "train-000001.tar"
+    size = path.stat().st_size
+    flip_byte_in_burst(path, 2)
+    assert path.stat().st_size == size
+    shard = data.split_shards(root, read_manifest(root), "train")[1]  # the size check passes
+    unchecked = dataclasses.replace(shard, sha256=None)
+    assert len([data.decode_sample(r, unchecked, 4, 48) for r in data.read_shard(unchecked)]) == 4
+    # default: the stream stops with one line naming the shard, before any of its samples is used
+    with pytest.raises(DataError, match=r"^shard \S+train-000001\.tar: sha256 differs from the manifest") as e:
+        batches(stream(root, steps=40))
+    assert "\n" not in str(e.value)
+    with pytest.raises(DataError, match="sha256 differs"):
+        next(data.read_shard(shard))
+    # skip: counted as a skipped shard, none of its samples in any batch, one warning
+    out = batches(stream(root, steps=40, on_bad_shard="skip"))
+    assert len(out) == 40 and out[-1]["skipped_shards"] >= 1 and out[-1]["skipped_samples"] == 0
+    assert "train-000001.tar" not in {s for b in out for s in b["shards"]}
+    err = capsys.readouterr().err
+    assert err.count("skipping shard") == 1 and "train-000001.tar: sha256 differs from the manifest" in err
+    # validation (and evaluation, through iter_samples) read shards the same way
+    flip_byte_in_burst(root / "val-000001.tar")
+    with pytest.raises(DataError, match=r"val-000001\.tar: sha256 differs"):
+        load_val_set(root, "val", 8)
+    assert len(load_val_set(root, "val", 4)["keys"]) == 4  # the good shard before it still reads
 
 
 def _smooth(y, x):

@@ -158,6 +158,63 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_shards, tmp_path
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
+def run_folder(out: Path) -> dict:
+    """The bytes of every file a run folder holds (tb/ included)."""
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def test_nan_stop_leaves_the_run_folder_at_its_last_good_state(tiny_shards, tmp_path, capsys):
+    """Resumed with settings that diverge (a huge lr) before their first checkpoint: config.toml,
+    last.pt, best.pt and summary.json stay as the good run left them; resuming with the good
+    settings carries on from there."""
+    out = tmp_path / "run"
+    assert run_cli(["--out", str(out)] + tiny_sets(tiny_shards, steps=3)) == 0
+    before = run_folder(out)
+    good_lr = load_train_config(out / "config.toml").train.lr
+    capsys.readouterr()
+    assert train_mod.main(["--out", str(out), "--resume", "--set", "train.steps=9", "--set", "train.lr=1e10"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "loss is nan at step" in err[0] and "last.pt" in err[0]
+    after = run_folder(out)
+    for name in ("config.toml", "last.pt", "best.pt", "summary.json"):
+        assert after[name] == before[name], name
+    assert load_train_config(out / "config.toml").train.lr == good_lr
+    assert train_mod.main(["--out", str(out), "--resume", "--set", "train.steps=6"]) == 0
+    assert load_train_config(out / "config.toml").train.steps == 6  # written with the new last.pt
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 6
+
+
+def test_resuming_a_finished_run_keeps_its_summary(tiny_shards, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli(["--out", str(out)] + tiny_sets(tiny_shards, steps=3)) == 0
+    before = run_folder(out)
+    val = json.loads((out / "summary.json").read_text())["val"]
+    assert set(val) == {"1", "3"}
+    capsys.readouterr()
+    assert train_mod.main(["--out", str(out), "--resume"]) == 0
+    assert "already finished at step 3" in capsys.readouterr().out
+    assert run_folder(out) == before  # nothing written: no new summary, config or TensorBoard file
+    # killed between its last checkpoint and its summary: the summary is written again, with the
+    # validation results saved in last.pt
+    (out / "summary.json").unlink()
+    assert train_mod.main(["--out", str(out), "--resume"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["step"] == 3 and summary["val"] == val
+
+
+def test_resumed_run_must_beat_the_psnr_of_best_pt(tmp_path, capsys):
+    """best.pt may be newer than last.pt (validated after it, then killed): its own PSNR is the
+    bar; an unreadable best.pt is replaced at the next validation."""
+    out = tmp_path
+    ckpt = {"best_val_psnr": 20.0}
+    assert train_mod.best_bar(out, ckpt, print) == 20.0  # no best.pt
+    torch.save({"model": {}, "config": {"model": {}}, "best_val_psnr": 25.0}, out / "best.pt")
+    assert train_mod.best_bar(out, ckpt, print) == 25.0
+    (out / "best.pt").write_bytes(b"junk")
+    assert train_mod.best_bar(out, ckpt, print) == -math.inf
+    assert "best.pt: not a burst-deblur checkpoint" in capsys.readouterr().out
+
+
 def test_ddp_two_cpu_processes_read_disjoint_shards_and_agree(tiny_shards, tmp_path):
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))

@@ -3,14 +3,13 @@
 Writes the part of a training checkpoint that inference needs: the weights, the resolved config,
 the step and validation results, and the software versions. No optimizer state (a third of a
 training checkpoint's size or more), so a shipped model stays small. The result loads with
-``trainer.model.load`` (``torch.load(..., weights_only=True)`` inside) like any checkpoint, and is
+``trainer.model.load`` (``trainer.checkpoint.load_checkpoint``, weights_only=True, inside) like any checkpoint, and is
 written atomically: an existing --out is replaced only by a complete file.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import sys
 from pathlib import Path
@@ -22,11 +21,12 @@ import torch
 def export(checkpoint: str | Path, out: str | Path) -> dict:
     """Export ``checkpoint`` to ``out``; returns what was written (without the weights)."""
     from pipeline.run import code_version
+    from trainer.checkpoint import load_checkpoint, save_atomic
     from trainer.model import load
 
     checkpoint, out = Path(checkpoint), Path(out)
     load(checkpoint)  # validates it (one-line ValueError if it is not a burst-deblur checkpoint)
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint(checkpoint)
     if not out.parent.is_dir():
         raise FileNotFoundError(f"--out {out}: folder {out.parent} does not exist")
     info = {
@@ -38,12 +38,7 @@ def export(checkpoint: str | Path, out: str | Path) -> dict:
                      "code": code_version()},
         "source": checkpoint.name,
     }
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        torch.save({"model": ckpt["model"], **info}, tmp)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    save_atomic({"model": ckpt["model"], **info}, out)
     return info
 
 

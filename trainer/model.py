@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils.parametrizations import weight_norm
 
-from pipeline.config import ConfigError, check, from_dict, one_line
+from pipeline.config import ConfigError, check, from_dict
+from trainer.checkpoint import INFERENCE_KEYS, CheckpointError, load_checkpoint
 
 
 @dataclass
@@ -277,26 +278,17 @@ def load(checkpoint_path: str | Path, device: str | torch.device = "cpu") -> nn.
 
     The checkpoint is a dict saved by torch.save with at least ``model`` (a state dict) and
     ``config`` (the resolved train config as a plain dict whose ``model`` key is a ModelConfig
-    dict). Anything else raises a one-line ValueError.
+    dict), read by ``trainer.checkpoint.load_checkpoint`` (weights_only=True). Anything else
+    raises a one-line CheckpointError (a ValueError) naming the file.
     """
     path = Path(checkpoint_path)
 
     def bad(reason: str) -> ValueError:
-        return ValueError(f"{path}: not a burst-deblur checkpoint ({reason})")
+        return CheckpointError(path, reason)
 
-    if not path.is_file():
-        raise bad("no such file")
+    ckpt = load_checkpoint(path, INFERENCE_KEYS)  # the one load policy (trainer/checkpoint.py)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # optimizer state stays off the device
-    except Exception as e:  # torch raises many types here (pickle, zip, weights_only errors)
-        raise bad(f"torch.load failed: {one_line(e)}") from None
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
-        raise bad("no 'model' state dict")
-    config = ckpt.get("config")
-    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
-        raise bad("no 'config' dict with a 'model' table")
-    try:
-        cfg = from_dict(ModelConfig, config["model"], "model")
+        cfg = from_dict(ModelConfig, ckpt["config"]["model"], "model")
         cfg.validate()
     except ConfigError as e:
         raise bad(f"bad model config: {e}") from None

@@ -10,11 +10,19 @@ Exact resume: batch s of rank r is a pure function of (seed, r, s) (see trainer/
 a pure function of s, and nothing in the loop draws from a random state, so ``--resume`` from the
 checkpoint of step s continues with the very batches and updates a straight run would make.
 
-Run folder (only rank 0 writes): config.toml (the resolved config; ``--config`` reads it back),
-last.pt (every ckpt_every steps and at the end), best.pt (best mean validation PSNR over
-val_frames), tb/ (TensorBoard), summary.json (at the end). Checkpoints are written to a temporary
-file and renamed, so a crash never leaves a half-written one, and hold only what
-``torch.load(weights_only=True)`` accepts.
+Run folder (only rank 0 writes). Its files describe the run's last good state:
+- last.pt: every ckpt_every steps and at the end; never after a NaN/inf loss (TrainingDiverged).
+- config.toml: the resolved config of last.pt (``--config`` reads it back), written right after
+  each last.pt and only then, so settings that diverge before their first checkpoint (a
+  ``--resume --set train.lr=...`` that blows up) never replace the config of the good one.
+- best.pt: the best mean validation PSNR over val_frames; a resumed run must beat the PSNR stored
+  in best.pt itself (not only the bar saved in last.pt) to replace it.
+- tb/: TensorBoard; a resumed run purges the events logged after last.pt's step.
+- summary.json: at the end. Resuming a run that already reached train.steps says so and writes
+  nothing (summary.json keeps its validation results).
+Every file is written to a temporary file and renamed (trainer/checkpoint.py), so a crash never
+leaves a half-written one. Checkpoints hold only what ``torch.load(weights_only=True)`` accepts
+and are read back by ``trainer.checkpoint.load_checkpoint``: a damaged last.pt is one error line.
 
 DDP: ``torchrun --nproc_per_node=K -m trainer train ...``; NCCL on CUDA, gloo on CPU, set up from
 the environment torchrun provides. Each rank reads its own shards; batch_size is per rank.
@@ -40,6 +48,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from pipeline.config import ConfigError, one_line
 from trainer import data as data_mod
 from trainer.baselines import mean_frames
+from pipeline.format import atomic_write_bytes
+from trainer.checkpoint import TRAINING_KEYS, CheckpointError, load_checkpoint, save_atomic
 from trainer.config import TrainConfig, TrainSection, load_train_config, to_dict, to_toml
 from trainer.losses import burst_loss
 from trainer.metrics import psnr, psnr_batch
@@ -98,11 +108,32 @@ def to_device(batch: dict, device: torch.device, channels_last: bool) -> tuple[t
     return burst, target
 
 
-def save_atomic(obj: dict, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def finished_summary(out_dir: Path, step: int, steps: int) -> dict | None:
+    """The summary.json of a run whose last.pt is at its final step, or None (not finished, or
+    killed between its last checkpoint and its summary: then the summary is written again)."""
+    if step != steps:
+        return None
+    try:
+        summary = json.loads((out_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) and summary.get("step") == step else None
+
+
+def best_bar(out_dir: Path, ckpt: dict, log) -> float:
+    """The validation PSNR a resumed run must beat to replace best.pt: the one stored in best.pt
+    (written after last.pt when a run stopped between the two), else last.pt's record; -inf when
+    best.pt is unreadable, so that the next validation replaces it."""
+    bar = float(ckpt.get("best_val_psnr", -math.inf))
+    path = out_dir / "best.pt"
+    if not path.exists():
+        return bar
+    try:
+        return max(bar, float(load_checkpoint(path).get("best_val_psnr", -math.inf)))
+    except (CheckpointError, TypeError, ValueError) as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            log(f"warning: {one_line(e)}; the next validation replaces it")
+        return -math.inf
 
 
 def params_digest(model: torch.nn.Module) -> str:
@@ -196,11 +227,18 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, log=print
     if resume:
         if not (out_dir / "last.pt").is_file():
             raise FileNotFoundError(f"nothing to resume: {out_dir / 'last.pt'} does not exist")
-        ckpt = torch.load(out_dir / "last.pt", map_location="cpu", weights_only=True)
+        ckpt = load_checkpoint(out_dir / "last.pt", TRAINING_KEYS)
         if ckpt["config"]["model"] != to_dict(cfg)["model"]:
             raise ConfigError(f"[model] differs from the one in {out_dir / 'last.pt'}; a resumed run keeps its model")
         if ckpt["step"] > t.steps:
             raise ConfigError(f"train.steps ({t.steps}) is below the checkpoint's step ({ckpt['step']})")
+        finished = finished_summary(out_dir, ckpt["step"], t.steps)
+        if finished is not None:
+            if int(os.environ.get("RANK", "0")) == 0:
+                log(f"already finished at step {t.steps}: nothing to do ({out_dir / 'summary.json'} is kept; "
+                    "--set train.steps=N to train further)")
+            return finished
+        ckpt["best_val_psnr"] = best_bar(out_dir, ckpt, log)
     elif (out_dir / "last.pt").exists():
         raise FileExistsError(f"{out_dir} already holds a run (last.pt); pass --resume to continue it, or choose another --out")
 
@@ -241,12 +279,20 @@ def _train(cfg: TrainConfig, out_dir: Path, ckpt: dict | None, manifest: dict, d
     optimizer_cls = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam}[t.optimizer]
     optimizer = optimizer_cls(model.parameters(), lr=t.lr)
     step, best_psnr = 0, -math.inf
+    last_val: dict = {}  # the latest validation results (saved with each checkpoint, in the summary)
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step, best_psnr = int(ckpt["step"]), float(ckpt["best_val_psnr"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        old = ckpt.get("data", {})
+        try:  # the model config was compared already: a state that does not fit is a damaged file
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            if "rng" in ckpt:
+                torch.set_rng_state(ckpt["rng"]["torch"])
+            best_psnr = float(ckpt.get("best_val_psnr", -math.inf))
+            last_val = {int(n): r for n, r in ckpt.get("val", {}).items()}
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
+            detail = " ".join(str(e).split())  # load_state_dict lists the mismatches over many lines
+            raise CheckpointError(out_dir / "last.pt", f"its state does not fit the model: {detail[:240]}") from None
+        step = int(ckpt["step"])
+        old = ckpt["data"] if isinstance(ckpt.get("data"), dict) else {}
         if (old.get("world_size"), old.get("readers_per_rank")) != (world, max(1, t.num_workers)):
             say(f"note: the checkpoint was trained with {old.get('world_size')} rank(s) × "
                 f"{old.get('readers_per_rank')} reader(s), this run uses {world} × {max(1, t.num_workers)}: "
@@ -271,9 +317,9 @@ def _train(cfg: TrainConfig, out_dir: Path, ckpt: dict | None, manifest: dict, d
                                        for tg, sh in zip(val["target"], val["shift"])]) for n in t.val_frames}
         baseline = baseline_psnr(val, t.val_frames)
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.toml").write_text(to_toml(to_dict(cfg)))
         from torch.utils.tensorboard import SummaryWriter  # imported late: it is slow to import
-        writer = SummaryWriter(log_dir=str(out_dir / "tb"))
+        # resuming: TensorBoard drops the events an interrupted run logged after last.pt's step
+        writer = SummaryWriter(log_dir=str(out_dir / "tb"), purge_step=step if ckpt else None)
 
     say(f"{'resuming at' if ckpt else 'training from'} step {step}/{t.steps} on {device_kind}"
         f"{f' × {world} ranks' if world > 1 else ''}: {n_params / 1e6:.2f}M parameters, batch {t.batch_size}"
@@ -326,7 +372,6 @@ def _train(cfg: TrainConfig, out_dir: Path, ckpt: dict | None, manifest: dict, d
     # ---- the loop
     seen_shards: set[str] = set()
     skipped: dict[int, tuple[int, int]] = {}
-    last_val: dict = {}
     validations = 0
     loss_count = 0
     t_start = t_log = time.time()
@@ -408,6 +453,9 @@ def _train(cfg: TrainConfig, out_dir: Path, ckpt: dict | None, manifest: dict, d
 
             if master and (step % t.ckpt_every == 0 or step == t.steps):
                 checkpoint(out_dir / "last.pt", last_val)
+                # config.toml goes with last.pt (after it: last.pt is what --resume reads), so new
+                # settings that diverge before their first checkpoint never replace the good ones
+                atomic_write_bytes(out_dir / "config.toml", to_toml(to_dict(cfg)).encode())
                 t_log = time.time()
     finally:
         batches.close()  # shuts the loader's workers down
@@ -433,7 +481,7 @@ def _train(cfg: TrainConfig, out_dir: Path, ckpt: dict | None, manifest: dict, d
         "readers": stream.note,
     }
     if master:
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        atomic_write_bytes(out_dir / "summary.json", (json.dumps(summary, indent=1) + "\n").encode())
         say(f"done: step {step}, best validation PSNR {best_psnr:.2f} dB, {fmt_seconds(summary['seconds'])}; "
             f"checkpoints in {out_dir}")
     if len(set(summary["weights_digest"].values())) > 1:
@@ -466,7 +514,7 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         path = Path(args.out) / "last.pt"
         if not path.is_file():
             raise FileNotFoundError(f"nothing to resume: {path} does not exist")
-        base = torch.load(path, map_location="cpu", weights_only=True)["config"]
+        base = load_checkpoint(path, TRAINING_KEYS)["config"]
         return load_train_config(None, overrides, base=base)
     return load_train_config(args.config or DEFAULT_CONFIG, overrides)
 
