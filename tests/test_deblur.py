@@ -1,6 +1,7 @@
 """The user path: loading frames, alignment, tiled inference, order invariance, bad inputs."""
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -293,3 +294,82 @@ def test_the_shipped_model_is_the_default_and_beats_the_mean_of_the_frames(tmp_p
     output = np.asarray(Image.open(out)) / 255.0
     mean = sample["burst"].mean(axis=0) / 255.0
     assert psnr(output, target) > psnr(mean, target) + 2.0
+
+
+# ----------------------------------------------------------------------------- hostile input
+
+
+def _png(path, width, height, bit_depth=8, colour=2, rows=None):
+    """A PNG written by hand: any declared size (a decompression bomb needs no pixel data) and
+    16-bit colour, which Pillow cannot write."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    raw = b"" if rows is None else b"".join(b"\0" + r for r in rows)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, bit_depth, colour, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    return path
+
+
+def _cli_error(capsys, argv):
+    from trainer.__main__ import main as cli_main
+
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_out_is_checked_before_any_work_and_never_overwrites_an_input(tmp_path, capsys, checkpoint, monkeypatch):
+    paths = write_burst(tmp_path)
+    before = [open(p, "rb").read() for p in paths]
+    monkeypatch.setattr(deblur, "deblur_frames", lambda *a, **k: pytest.fail("work started"))
+    base = ["deblur", "--checkpoint", str(checkpoint), "--device", "cpu", "--quiet", *paths]
+    monkeypatch.chdir(tmp_path)
+    for out in (paths[1], f"./{Path(paths[1]).name}", str(tmp_path / "sub" / ".." / Path(paths[1]).name)):
+        (tmp_path / "sub").mkdir(exist_ok=True)
+        assert "is one of the input frames" in _cli_error(capsys, [*base, "--out", out])
+    link = tmp_path / "link.png"
+    link.symlink_to(paths[2])
+    assert "is one of the input frames" in _cli_error(capsys, [*base, "--out", str(link)])
+    assert "does not exist" in _cli_error(capsys, [*base, "--out", str(tmp_path / "nowhere" / "o.png")])
+    (tmp_path / "sub.png").mkdir()
+    assert "is a folder" in _cli_error(capsys, [*base, "--out", str(tmp_path / "sub.png")])
+    assert [open(p, "rb").read() for p in paths] == before
+
+
+def test_decompression_bomb_and_tiny_frames_are_one_line(tmp_path, capsys, checkpoint):
+    base = ["deblur", "--checkpoint", str(checkpoint), "--device", "cpu", "--quiet", "--out", str(tmp_path / "o.png")]
+    bomb = _png(tmp_path / "bomb.png", 20000, 20000)
+    line = _cli_error(capsys, [*base, str(bomb), str(bomb)])
+    assert "bomb.png" in line and "decompression bomb" in line and "exceeds limit" in line
+    Image.fromarray(np.zeros((1, 1, 3), np.uint8)).save(tmp_path / "dot.png")
+    line = _cli_error(capsys, [*base, str(tmp_path / "dot.png"), str(tmp_path / "dot.png")])
+    assert "dot.png is 1x1" in line and "at least 32 px" in line
+    Image.fromarray(np.zeros((16, 20000, 3), np.uint8)).save(tmp_path / "strip.png")
+    line = _cli_error(capsys, [*base, str(tmp_path / "strip.png"), str(tmp_path / "strip.png")])
+    assert "strip.png is 20000x16" in line
+    Image.fromarray(np.zeros((40, 20000, 3), np.uint8)).save(tmp_path / "band.png")
+    line = _cli_error(capsys, [*base, str(tmp_path / "band.png"), str(tmp_path / "band.png")])
+    assert "band.png is 20000x40" in line and "too elongated to align" in line and "--no-align" in line
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_16_bit_grey_and_colour_follow_one_policy(tmp_path):
+    """16-bit frames, grey or colour, load as their top 8 bits (as the pipeline's photo sources
+    do: one reader), with a note saying so; never refused, never silently."""
+    from pipeline.sources import load_photo
+
+    rng = np.random.default_rng(0)
+    rgb16 = rng.integers(0, 65536, (40, 48, 3), dtype=np.uint16)
+    colour = _png(tmp_path / "rgb16.png", 48, 40, bit_depth=16, colour=2, rows=[r.astype(">u2").tobytes() for r in rgb16])
+    Image.fromarray(rgb16[..., 0]).save(tmp_path / "grey16.png")
+    notes = []
+    a, b = load_frames([colour, tmp_path / "grey16.png"], log=notes.append)
+    np.testing.assert_array_equal(a, (rgb16 >> 8).astype(np.uint8))
+    np.testing.assert_array_equal(b, np.repeat((rgb16[..., :1] >> 8).astype(np.uint8), 3, axis=2))
+    assert len(notes) == 2 and all("16-bit samples: reduced to 8 bits" in n for n in notes)
+    np.testing.assert_array_equal(load_photo(str(colour)), a)  # the pipeline reads it the same way

@@ -42,7 +42,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from scipy import fft
 from scipy.ndimage import gaussian_filter, map_coordinates
 from tqdm import tqdm
@@ -55,12 +55,20 @@ class AlignmentError(ValueError):
 # ----------------------------------------------------------------------------- frames
 
 
-def load_frames(paths: Sequence[str | Path]) -> list[np.ndarray]:
-    """Read photos as RGB uint8 (H, W, 3) sRGB, EXIF orientation applied; all must be one size.
+# Frames smaller than this on their short side are refused: alignment and the network need room.
+MIN_FRAME_SIDE = 32
 
-    Raises FileNotFoundError for a missing file, ValueError for an unreadable one, a 16-bit or
-    float image, or frames of different sizes (each message names the file).
+
+def load_frames(paths: Sequence[str | Path], log=None) -> list[np.ndarray]:
+    """Read photos as RGB uint8 (H, W, 3) sRGB with the project's one photo reader
+    (pipeline.sources.load_photo: EXIF orientation applied, grey to RGB, alpha dropped, 16-bit
+    reduced to 8 bits, Pillow's decompression-bomb limit kept); all must be one size.
+
+    Raises FileNotFoundError for a missing file, ValueError for an unreadable one or frames of
+    different sizes (each message names the file). ``log`` gets one note per high-bit-depth file.
     """
+    from pipeline.sources import PhotoDecodeError, load_photo_depth
+
     if not paths:
         raise ValueError("no frames given")
     frames = []
@@ -68,20 +76,33 @@ def load_frames(paths: Sequence[str | Path]) -> list[np.ndarray]:
         if not path.is_file():
             raise FileNotFoundError(f"frame not found: {path}")
         try:
-            with Image.open(path) as image:
-                image.load()  # decode now, so a truncated file fails here
-                if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-                    raise ValueError(f"{path}: {image.mode} images are not supported, use 8-bit RGB")
-                image = ImageOps.exif_transpose(image).convert("RGB")
-                frames.append(np.asarray(image, dtype=np.uint8).copy())
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ValueError(f"cannot read image {path}: {reason}") from None
+            frame, bits = load_photo_depth(str(path))
+        except PhotoDecodeError as e:
+            raise ValueError(f"cannot read image {path}: {e.reason} ({e.detail})") from None
+        except OSError as e:
+            raise ValueError(f"cannot read image {path}: {' '.join(str(e).split()) or type(e).__name__}") from None
+        if bits > 8 and log:
+            log(f"note: {path.name} has {bits}-bit samples: reduced to 8 bits (the model works on 8-bit frames)")
+        frames.append(frame)
         if frames[-1].shape != frames[0].shape:
             h0, w0 = frames[0].shape[:2]
             h, w = frames[-1].shape[:2]
             raise ValueError(f"{path} is {w}x{h} but {Path(paths[0])} is {w0}x{h0}; all frames must have the same size")
     return frames
+
+
+def check_frame_size(shape: tuple[int, ...], path: str | Path, align: bool, align_size: int) -> None:
+    """ValueError (one line naming the file) for frames too small to align and deblur: the short
+    side under MIN_FRAME_SIDE, or, when aligning, under 16 px once the long side is brought
+    down to ``align_size`` (a 16 x 20000 strip)."""
+    h, w = shape[:2]
+    if min(h, w) < MIN_FRAME_SIDE:
+        raise ValueError(f"{path} is {w}x{h}: frames must be at least {MIN_FRAME_SIDE} px on each side")
+    if align:
+        short = min(h, w) / 2 ** alignment_level((h, w), align_size)
+        if short < 16:
+            raise ValueError(f"{path} is {w}x{h}: too elongated to align at --align-size {align_size} (the short "
+                             f"side would be {short:.0f} px, needs 16); raise --align-size or use --no-align")
 
 
 def gray(frame: np.ndarray) -> np.ndarray:
@@ -590,6 +611,24 @@ def deblur_frames(model: torch.nn.Module, frames: Sequence[np.ndarray], referenc
     return run_tiled(model, frames, tile, overlap, device, batch, precision, progress)
 
 
+def check_output(out: Path, inputs: Sequence[str | Path]) -> None:
+    """Before any work: ``out`` has a known image extension, is not a folder, lies in an existing
+    writable folder and is none of the input frames (the output would overwrite it)."""
+    if Image.registered_extensions().get(out.suffix.lower()) is None:
+        raise ValueError(f"--out {out}: unknown image extension '{out.suffix}' (use .png, .jpg, .tif, ...)")
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give an image file name")
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--out {out}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"--out {out}: folder {folder} is not writable")
+    target = out.resolve()
+    for frame in map(Path, inputs):
+        if frame.resolve() == target or (out.exists() and frame.exists() and os.path.samefile(frame, out)):
+            raise ValueError(f"--out {out} is one of the input frames ({frame}); it would be overwritten")
+
+
 def save_image(image: np.ndarray, path: str | Path) -> None:
     """Write float (H, W, 3) in [0, 1] as 8-bit, format from the extension, atomically."""
     path = Path(path)
@@ -665,17 +704,17 @@ def main(argv: list[str] | None = None) -> int:
         if overlap < 0:
             raise ValueError(f"--overlap must be >= 0, got {overlap}")
     out = Path(args.out)
-    if Image.registered_extensions().get(out.suffix.lower()) is None:
-        raise ValueError(f"--out {out}: unknown image extension '{out.suffix}' (use .png, .jpg, .tif, ...)")
+    check_output(out, args.frames)  # before any work: never over an input, folder writable
     device = resolve_device(args.device)
     # one 512-px tile of 8 frames through the paper-size model takes ~6 GB in fp32 (measured on CPU)
     batch = args.batch or (2 if device.type == "cuda" else 1)
 
+    log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     model = load(default_checkpoint(args.checkpoint), device)
-    frames = load_frames(args.frames)
+    frames = load_frames(args.frames, log=log)
+    check_frame_size(frames[0].shape, args.frames[0], not args.no_align and len(frames) > 1, args.align_size)
     if isinstance(args.reference, int) and not -len(frames) <= args.reference < len(frames):
         raise ValueError(f"--reference {args.reference} is out of range for {len(frames)} frames")
-    log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     names = [Path(f).name for f in args.frames]
     image = deblur_frames(model, frames, args.reference, not args.no_align, args.motion, args.align_size,
                           args.tile, overlap, device, batch, args.precision, names, progress=not args.quiet, log=log)
