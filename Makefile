@@ -60,6 +60,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_render.py
 	$(BIN)/python bench/bench_train.py --device cpu --batch 2 --size 64 --width 16 --steps 3
 	$(BIN)/python bench/bench_deblur.py
+	$(BIN)/python bench/bench_warp.py
 
 # The quality benchmark (bench/quality.py): the shipped model and the `make all` model against
 # FBA, the mean and the best frame on four renderings of the test photographs.

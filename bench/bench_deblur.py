@@ -6,12 +6,12 @@
 
 A synthetic burst (a photograph upscaled to the requested size, each frame shifted by a few
 pixels, blurred differently and noisy, uint8) goes through the same functions the command uses:
-``align_burst`` (pyramid phase correlation + Lucas-Kanade homography, full-resolution warp) and
-``run_tiled`` (the model on overlapping tiles, automatic overlap). The model has random weights:
-speed does not depend on them. Warm-up (receptive-field probe, first forward pass, cuDNN
-autotuning) is excluded. Prints one row per model width: seconds for each stage, s/MP/frame,
-tiles, peak GPU memory. Wall clock (time.perf_counter); on a shared machine, the CPU figures are
-upper bounds.
+``align_burst`` (pyramid phase correlation + Lucas-Kanade homography, full-resolution OpenCV
+warp; bench/bench_warp.py times the warp alone) and ``run_tiled`` (the model on overlapping tiles,
+automatic overlap). The model has random weights: speed does not depend on them. Warm-up
+(receptive-field probe, first forward pass, cuDNN autotuning) is excluded. Prints one row per
+model width: seconds for each stage, s/MP/frame, tiles, peak GPU memory. Wall clock
+(time.perf_counter); on a shared machine, the CPU figures are upper bounds.
 """
 
 from __future__ import annotations
@@ -28,7 +28,10 @@ from scipy.ndimage import gaussian_filter, map_coordinates, zoom
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from trainer.deblur import align_burst, auto_overlap, resolve_device, run_tiled, tile_starts  # noqa: E402
+import trainer.align  # noqa: E402
+from trainer.align import align_burst  # noqa: E402
+from trainer.device import resolve_device  # noqa: E402
+from trainer.tiling import auto_overlap, run_tiled, tile_starts  # noqa: E402
 from trainer.model import ModelConfig, build_model  # noqa: E402
 
 
@@ -74,7 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=0, help="tiles per pass (default: 2 on CUDA, 1 on CPU)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--no-align", action="store_true", help="time the model only")
+    p.add_argument("--warp", choices=("opencv", "scipy"), default="opencv",
+                   help="full-resolution warp: opencv (what deblur uses) or the scipy band warp it replaced, "
+                        "from bench/bench_warp.py (default: opencv)")
     args = p.parse_args(argv)
+    if args.warp == "scipy":
+        from bench_warp import scipy_warp_frame
+
+        trainer.align.warp_frame = scipy_warp_frame  # align_burst looks the warp up at call time
 
     device = resolve_device(args.device)
     batch = args.batch or (2 if device.type == "cuda" else 1)
@@ -94,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         # frame i(x + s_ref - s_i) = frame ref(x): the true shift of the centre
         errors = [np.hypot(*(np.array(a.shift) - (shifts[ref] - shifts[i])))
                   for i, a in enumerate(alignments) if a is not None]
-        print(f"alignment (reference: frame {ref}): {align_s:.2f} s = {align_s / mp / args.frames:.3f} s/MP/frame, "
+        print(f"alignment ({args.warp} warp, reference: frame {ref}): {align_s:.2f} s = "
+              f"{align_s / mp / args.frames:.3f} s/MP/frame, "
               f"centre shift error max {max(errors, default=0):.3f} px")
 
     header = (f"{'width':>5} {'params':>8} {'overlap':>7} {'tiles':>5} {'align s':>8} {'model s':>8} "

@@ -28,6 +28,7 @@ import scipy.signal
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline import imaging, kernels, render, shards, sources  # noqa: E402
+from pipeline.format import encode_sample  # noqa: E402
 from pipeline.config import ShardConfig, from_dict, validate  # noqa: E402
 from pipeline.run import render_dataset, start_ray  # noqa: E402
 
@@ -98,8 +99,8 @@ def stage_profile(cfg: ShardConfig, src: sources.SourceList, n: int) -> tuple[di
 
             canvas, info = sources.draw_canvas(s_rng, src, cfg.canvas, cfg.sources)
             lap("canvas")
-            params = render.sample_params(p_rng, cfg)
-            kern, traj, fit = kernels.build_kernels(params, cfg.kernels, K)
+            params, draws = render.sample_params(p_rng, cfg)
+            kern, traj, fit = kernels.build_kernels(params, draws, cfg.kernels, K)
             lap("params+kernels")
             gamma, white = params["gamma"], 255.0 ** params["gamma"]
             planes, support = imaging.crop_to_support(canvas.transpose(2, 0, 1), kern)
@@ -131,7 +132,7 @@ def stage_profile(cfg: ShardConfig, src: sources.SourceList, n: int) -> tuple[di
             sample = {"key": f"train-000000-{i:06d}", "burst": burst,
                       "target": np.ascontiguousarray(canvas[m:m + size, m:m + size]),
                       "params": {"gamma": params["gamma"], "source": info}}
-            members = shards.sample_members(sample)
+            members = encode_sample(sample)
             lap("encode (npy+png+json)")
             for name, data in members:
                 shards.add_member(tar, name, data)

@@ -9,8 +9,9 @@ later reads of a shard; a cold first read adds the disk's time to every row alik
 
     read          trainer.data.read_shard without a checksum (tar members to bytes)
     sha256        hashlib.file_digest over the file alone
-    hash-stream   read_shard's tar parse through a reader that hashes every read, rest of the file
-                  hashed at the end (the mismatch is known only after the last sample)
+    hash-stream   read_shard's tar parse (tarfile "r:", as pipeline.format.iter_shard reads) through
+                  a reader that hashes every byte as it is first read, rest of the file hashed at
+                  the end (the mismatch is known only after the last sample)
     hash-first    trainer.data.read_shard as it is: the file hashed, then parsed (nothing yielded
                   from a corrupt shard)
     read+decode   read_shard + decode_sample of every sample, no checksum (what training pays anyway)
@@ -34,21 +35,34 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from webdataset.tariterators import group_by_keys, tar_file_iterator  # noqa: E402
-
 from trainer.data import Shard, decode_sample, read_shard  # noqa: E402
 
 
 class HashingReader:
-    """A binary file whose every read also updates a sha256 (the streaming alternative)."""
+    """A binary file whose bytes go through a sha256 as they are first read (the streaming
+    alternative). Seekable as tarfile's "r:" mode needs it: a forward seek reads and hashes the
+    bytes it skips (member padding); bytes read again after a backward seek are not hashed twice."""
 
     def __init__(self, f):
-        self.f, self.sha256 = f, hashlib.sha256()
+        self.f, self.sha256, self.hashed = f, hashlib.sha256(), 0
 
     def read(self, n: int = -1) -> bytes:
+        at = self.f.tell()
         data = self.f.read(n)
-        self.sha256.update(data)
+        if at + len(data) > self.hashed:
+            self.sha256.update(memoryview(data)[self.hashed - at:])
+            self.hashed = at + len(data)
         return data
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        if whence == 0 and pos > self.hashed:
+            self.f.seek(self.hashed)
+            while self.hashed < pos and self.read(min(pos - self.hashed, 1 << 20)):
+                pass
+        return self.f.seek(pos, whence)
 
 
 def write_shard(path: Path, samples: int, frames: int, size: int) -> None:
@@ -87,15 +101,11 @@ def main() -> None:
                 hashlib.file_digest(f, "sha256").hexdigest()
 
         def hash_stream():
-            def files(f):
-                for item in tar_file_iterator(f):
-                    item["__url__"] = str(path)
-                    yield item
-
             with open(path, "rb") as f:
                 reader = HashingReader(f)
-                for _ in group_by_keys(files(reader)):
-                    pass
+                with tarfile.open(fileobj=reader, mode="r:") as tar:  # as iter_shard reads it
+                    for info in tar:
+                        tar.extractfile(info).read()
                 while reader.read(1 << 20):  # the end-of-archive blocks tarfile does not read
                     pass
                 assert reader.sha256.hexdigest() == digest

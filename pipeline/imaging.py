@@ -205,6 +205,14 @@ def _smooth_last_axis(field: np.ndarray, w: np.ndarray) -> np.ndarray:
     return out
 
 
+MID_GREY = 0.18  # linear mid grey: where summaries quote the noise level
+
+
+def noise_std(level: float, shot: float, read: float) -> float:
+    """Std of ``add_noise``'s noise at linear ``level`` (white = 1): sqrt(shot² · level + read²)."""
+    return float(np.sqrt(shot ** 2 * level + read ** 2))
+
+
 def add_noise(linear: np.ndarray, shot: float, read: float, rng: np.random.Generator,
               correlated_sigma: float = 0.0, white: float = 1.0,
               out: np.ndarray | None = None) -> np.ndarray:

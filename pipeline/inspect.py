@@ -1,74 +1,43 @@
 """Look at a rendered dataset: a summary, a contact sheet of one sample, a check of every shard.
 
-Every read goes through pipeline.format: the manifest is validated, tar members must be regular
-files, and members are decoded by its checked decoders (a problem is one DataError line).
+Every read goes through pipeline.format: the manifest is read and validated by ``read_manifest``,
+shards are read by ``iter_shard`` (regular members of this shard only) and samples decoded by
+``decode_sample`` (shapes against the manifest before anything is allocated); a problem is one
+DataError line.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import io
 import json
 import os
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import zarr
 from PIL import Image, ImageDraw
 
-from pipeline.format import (KEY, LOCK, MANIFEST, MEMBERS, PLAN, STATS_DIR, DataError, check_member, check_tree,
-                             decode_json, decode_npy, decode_png, is_temporary, read_manifest_file)
-from pipeline.shards import stats_path
+from pipeline.format import (LOCK, MANIFEST, PLAN, DataError, Manifest, ShardEntry, check_tree, decode_sample,
+                             is_temporary, iter_shard, parse_key, read_manifest, shard_file, stats_file)
 
 
-def read_manifest(data_dir: str | Path) -> dict:
-    """The parsed ``manifest.json`` of a dataset folder (the pipeline's and the trainer's reader).
-
-    Raises FileNotFoundError (folder or manifest missing) or DataError, a ValueError (not JSON,
-    or not the structure of a manifest: ``pipeline.format.validate_manifest``), each one line.
-    """
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise FileNotFoundError(f"data folder not found: {data_dir} (render it with `python -m pipeline render`)")
-    path = data_dir / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"no manifest.json in {data_dir}: not a rendered dataset, or its render did not finish")
-    return read_manifest_file(path)
-
-
-def read_sample(data_dir: str | Path, key: str, manifest: dict | None = None) -> dict:
+def read_sample(data_dir: str | Path, key: str, manifest: Manifest | None = None) -> dict:
     """Read one sample from its shard: {"key", "burst" uint8 (F,S,S,3), "target" uint8 (S,S,3), "params"}.
 
-    Shapes are checked against the manifest (read if not given) before decoding; a member that
-    is not a regular file or does not decode is a DataError naming the shard and member.
+    The shard is read (``pipeline.format.iter_shard``) up to the sample; shapes are checked
+    against the manifest (read if not given) before decoding. A bad key, a sample the shard does
+    not hold, a member that is not a regular file or does not decode is a DataError naming the
+    shard (and member); a missing shard is a FileNotFoundError.
     """
-    m = KEY.fullmatch(key)
-    if not m:
-        raise ValueError(f"bad sample key '{key}' (expected <split>-NNNNNN-NNNNNN)")
+    split, shard, _ = parse_key(key)
     man = manifest if manifest is not None else read_manifest(data_dir)
-    F, S = man["frames"], man["size"]
-    tar_path = Path(data_dir) / f"{m['split']}-{m['shard']}.tar"
+    tar_path = Path(data_dir) / shard_file(split, shard)
     if not tar_path.is_file():
         raise FileNotFoundError(f"{tar_path}: no such shard")
-    raw = {}
-    try:
-        with tarfile.open(tar_path, mode="r:") as tar:
-            for name in MEMBERS:
-                try:
-                    info = tar.getmember(f"{key}.{name}")
-                except KeyError:
-                    raise KeyError(f"sample {key} is not in {tar_path.name}") from None
-                check_member(info, str(tar_path))
-                raw[name] = tar.extractfile(info).read()
-    except tarfile.TarError as e:
-        raise DataError(f"{tar_path}: unreadable tar ({type(e).__name__}: {e})") from None
-    where = f"{tar_path}: sample {key}"
-    return {"key": key,
-            "burst": decode_npy(raw["burst.npy"], f"{where}: burst.npy", (F, S, S, 3), np.uint8),
-            "target": decode_png(raw["target.png"], f"{where}: target.png", (S, S)),
-            "params": decode_json(raw["json"], f"{where}: json")}
+    for raw in iter_shard(tar_path):
+        if raw["__key__"] == key:
+            return decode_sample(raw, str(tar_path), man.frames, man.size)
+    raise DataError(f"sample {key} is not in {tar_path.name}")
 
 
 def _quantiles(values: list[float]) -> str:
@@ -81,17 +50,16 @@ def _quantiles(values: list[float]) -> str:
 def summary(data_dir: str | Path) -> str:
     """Splits, shards, samples, bytes, config hash, distributions of blur size and noise level."""
     man = read_manifest(data_dir)
-    lines = [f"dataset {man['name']}  config {man['config_hash']}  code {man['code_version']}  "
-             f"seed {man['seed']}",
-             f"{man['frames']} frames of {man['size']}x{man['size']}, kernels {man['kernel_size']}x{man['kernel_size']}",
+    lines = [f"dataset {man.name}  config {man.config_hash}  code {man.code_version}  seed {man.seed}",
+             f"{man.frames} frames of {man.size}x{man.size}, kernels {man.kernel_size}x{man.kernel_size}",
              f"{'split':<8}{'source':<22}{'shards':>7}{'samples':>9}{'MB':>9}  skipped inputs"]
     blur, noise = [], []
-    for split, s in man["splits"].items():
-        size = sum(sh["bytes"] for sh in s["shards"]) / 1e6
-        skipped = ", ".join(f"{v['count']} {r}" for r, v in s["skipped"].items()) or "none"
-        lines.append(f"{split:<8}{s['source'][:21]:<22}{len(s['shards']):>7}{s['samples']:>9}{size:>9.1f}  {skipped}")
-        for i, _ in enumerate(s["shards"]):
-            st = json.loads(stats_path(data_dir, split, i).read_text())
+    for split, s in man.splits.items():
+        size = sum(sh.bytes for sh in s.shards) / 1e6
+        skipped = ", ".join(f"{v['count']} {r}" for r, v in s.skipped.items()) or "none"
+        lines.append(f"{split:<8}{s.source[:21]:<22}{len(s.shards):>7}{s.samples:>9}{size:>9.1f}  {skipped}")
+        for entry in s.shards:
+            st = json.loads((Path(data_dir) / stats_file(split, entry.shard)).read_text())
             blur += st["blur_px"]
             noise += st["noise_std_mid_grey"]
     lines.append("quantiles (min 10% 50% 90% max):")
@@ -112,24 +80,20 @@ def _caption(params: dict) -> list[str]:
 
 def contact_sheet(data_dir: str | Path, split: str | None = None, index: int | None = None,
                   key: str | None = None, out: str | Path | None = None) -> Path:
-    """Write target | every frame, with every kernel enlarged beneath, and a caption."""
+    """Write target | every frame, with every kernel enlarged beneath, and a caption.
+
+    The sample is ``key``, or sample ``index`` of ``split`` (default: the manifest's first split);
+    an unknown split or an index out of range is a DataError (one line)."""
     man = read_manifest(data_dir)
     if key is None:
-        split = split or next(iter(man["splits"]))
-        if split not in man["splits"]:
-            raise KeyError(f"no split '{split}' in {data_dir} (splits: {', '.join(man['splits'])})")
-        per_shard = man["config"]["splits"][split]["samples_per_shard"]
-        n = man["splits"][split]["samples"]
-        if index is None or not 0 <= index < n:
-            raise IndexError(f"index {index} out of range for split '{split}' ({n} samples)")
-        key = f"{split}-{index // per_shard:06d}-{index:06d}"
+        key = man.key(split or next(iter(man.splits)), index)
+    split = man.split(parse_key(key).split).name
     sample = read_sample(data_dir, key, man)
     params = sample["params"]
-    split = key.split("-")[0]
-    kernels = zarr.open_group(str(Path(data_dir) / man["kernels"]), mode="r")[split]
+    kernels = zarr.open_group(str(Path(data_dir) / man.kernels), mode="r")[split]
     row = params.get("kernel_row")
     if type(row) is not int or not 0 <= row < kernels.shape[0]:
-        raise DataError(f"sample {key}: json kernel_row {row!r} is not a row of {man['kernels']}/{split}")
+        raise DataError(f"sample {key}: json kernel_row {row!r} is not a row of {man.kernels}/{split}")
     kern = np.asarray(kernels[row])
     burst, target = sample["burst"], sample["target"]
     F, S = burst.shape[0], burst.shape[1]
@@ -172,16 +136,16 @@ def check_dataset(data_dir: str | Path) -> Report:
     data_dir = Path(data_dir)
     man = read_manifest(data_dir)
     errors, warnings = [], []
-    for s in man["splits"].values():
-        for entry in s["shards"]:
+    for s in man.splits.values():
+        for entry in s.shards:
             problem = check_shard(data_dir, man, entry)
             if problem:
                 errors.append(problem)
-    checked = "kernel_files" in man
+    checked = man.kernel_files is not None
     if checked:
-        errors += check_tree(data_dir / man["kernels"], man["kernel_files"], man["kernels"])
+        errors += check_tree(data_dir / man.kernels, list(man.kernel_files), man.kernels)
     else:
-        warnings.append(f"{man['kernels']}: not checked: this manifest (from an older pipeline) records no "
+        warnings.append(f"{man.kernels}: not checked: this manifest (from an older pipeline) records no "
                         "checksums of its files; render the dataset again to record them")
     stray_errors, stray_warnings = stray_files(data_dir, man)
     return Report(errors + stray_errors, warnings + stray_warnings, checked)
@@ -194,72 +158,37 @@ def verify(data_dir: str | Path) -> str | None:
     return report.errors[0] if report.errors else None
 
 
-def check_shard(data_dir: Path, man: dict, entry: dict) -> str | None:
-    """One shard against its manifest entry: size, sha256, then every member (a regular file, of
-    this shard's keys, decoded with the declared shapes) and the sample count. None if all is
-    well, else a one-line description of its first problem."""
-    F, S = man["frames"], man["size"]
-    file = entry["file"]
-    stem = file[:-len(".tar")]
-    split, shard = stem.rsplit("-", 1)
-    per_shard = man["config"]["splits"][split]["samples_per_shard"]
-    start = int(shard) * per_shard
-    path = data_dir / file
+def check_shard(data_dir: Path, man: Manifest, entry: ShardEntry) -> str | None:
+    """One shard against its manifest entry: size, then sha256, the members (regular files of this
+    shard's keys, ``pipeline.format.iter_shard``) and the sample count, then every sample decoded
+    with the declared shapes (``decode_sample``). None if all is well, else a one-line description
+    of its first problem."""
+    path = data_dir / entry.file
     if not path.is_file():
-        return f"{file}: missing"
-    data = path.read_bytes()
-    if len(data) != entry["bytes"]:
-        return f"{file}: {len(data)} bytes, manifest says {entry['bytes']}"
-    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        return f"{file}: sha256 differs from the manifest"
-    samples: dict[str, set] = {}
-    seen = set()
+        return f"{entry.file}: missing"
+    size = path.stat().st_size
+    if size != entry.bytes:
+        return f"{entry.file}: {size} bytes, manifest says {entry.bytes}"
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            for member in tar:
-                check_member(member, file)
-                if member.name in seen:
-                    return f"{file}: {member.name} appears twice"
-                seen.add(member.name)
-                key, _, ext = member.name.partition(".")
-                m = KEY.fullmatch(key)
-                if not m or f"{m['split']}-{m['shard']}" != stem:
-                    return f"{file}: {member.name} is not a member of this shard (keys {stem}-NNNNNN)"
-                if not start <= int(m["index"]) < start + entry["samples"]:
-                    return f"{file}: {member.name}: index outside this shard's samples {start}..{start + entry['samples'] - 1}"
-                samples.setdefault(key, set()).add(ext)
-                raw = tar.extractfile(member).read()
-                where = f"{file}: sample {key}: {ext}"
-                if ext == "burst.npy":
-                    decode_npy(raw, where, (F, S, S, 3), np.uint8)
-                elif ext == "target.png":
-                    decode_png(raw, where, (S, S))
-                elif ext == "json":
-                    decode_json(raw, where)
+        for raw in iter_shard(path, label=entry.file, sha256=entry.sha256, samples=entry.samples, first=entry.first):
+            decode_sample(raw, entry.file, man.frames, man.size)
     except DataError as e:
         return str(e)
-    except (tarfile.TarError, ValueError, OSError, EOFError) as e:
-        return f"{file}: unreadable ({type(e).__name__}: {e})"
-    if len(samples) != entry["samples"]:
-        return f"{file}: {len(samples)} samples, manifest says {entry['samples']}"
-    for key, exts in samples.items():
-        if exts != set(MEMBERS):
-            return f"{file}: sample {key} has members {sorted(exts)}"
     return None
 
 
-def stray_files(data_dir: Path, man: dict) -> tuple[list[str], list[str]]:
+def stray_files(data_dir: Path, man: Manifest) -> tuple[list[str], list[str]]:
     """Files in the dataset folder that the manifest does not account for, one line each, as
     (errors, warnings). Errors: temporary files of unfinished writes (ours, zarr's), the plan file
     of an unfinished render, tars the manifest does not list; a finished dataset holds none.
     Warnings: any other file (a contact sheet written into the folder, notes). The render lock
     (``.render.lock``) is ignored; files inside kernels.zarr are ``check_tree``'s."""
     listed = {MANIFEST, LOCK}
-    for s in man["splits"].values():
-        for e in s["shards"]:
-            listed |= {e["file"], f"{STATS_DIR}/{e['file'][:-len('.tar')]}.json"}
+    for s in man.splits.values():
+        for e in s.shards:
+            listed |= {e.file, stats_file(e.split, e.shard)}
     errors, warnings = [], []
-    kernels = man["kernels"]
+    kernels = man.kernels
     for folder, dirs, files in os.walk(data_dir):
         rel_dir = Path(folder).relative_to(data_dir)
         dirs.sort()

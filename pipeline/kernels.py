@@ -8,27 +8,36 @@ jitter of every point stands in for defocus. The points are splatted bilinearly 
 that sums to 1. Bilinear splatting preserves the first moment, so after centring the point cloud the
 kernel's centroid is exactly the centre pixel (unless a residual misalignment shifts it on purpose).
 
-Two halves, as everywhere in the pipeline: ``sample_kernel_params(rng, cfg, frames, K)`` draws the
-random numbers; ``build_kernels(params, cfg, K)`` is a pure function of them.
+Two halves, as everywhere in the pipeline: ``sample_kernel_params(rng, cfg, frames, misalign)``
+draws the random numbers and returns ``(params, draws)``: ``params`` the plain values that go to
+the sample's json, ``draws`` (a ``ShakeDraws``) the raw standard-normal arrays, which are not stored
+(the seed rebuilds them); ``build_kernels(params, draws, cfg, K)`` is a pure function of the two.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 from scipy.signal import lfilter
 
 from pipeline.config import KernelConfig
+from pipeline.distributions import loguniform
 
 
-def loguniform(rng: np.random.Generator, lo: float, hi: float, size=None) -> np.ndarray | float:
-    """Log-uniform in [lo, hi]; uniform when lo == 0 (log-uniform is undefined there)."""
-    if lo <= 0:
-        return rng.uniform(lo, hi, size)
-    return np.exp(rng.uniform(np.log(lo), np.log(hi), size))
+@dataclasses.dataclass(frozen=True, eq=False)
+class ShakeDraws:
+    """The raw draws behind one burst's kernels, all standard normal, float64 (F frames, T =
+    kernels.steps, J = kernels.jitter_points). Kept apart from the json parameters: they are
+    large and the sample's seed rebuilds them."""
+
+    accel: np.ndarray  # (F, T, 2) accelerations of the random walk
+    v0: np.ndarray  # (F, 2) initial velocities
+    jitter: np.ndarray  # (F, T, J, 2) defocus jitter of every path point
 
 
 def sample_kernel_params(rng: np.random.Generator, cfg: KernelConfig, frames: int,
-                         misalign=None) -> dict:
+                         misalign=None) -> tuple[dict, ShakeDraws]:
     """Draw every random number the kernels of one burst need.
 
     ``misalign``: the pipeline.config.ImagingConfig (its misalign_* and outlier_* fields), or None
@@ -38,9 +47,9 @@ def sample_kernel_params(rng: np.random.Generator, cfg: KernelConfig, frames: in
     probability outlier_prob is an outlier: shift std outlier_shift_px and blur × outlier_blur.
     Shifts are clipped to ±misalign_max_px per axis (validated to fit the K×K kernel).
 
-    Returns plain floats/lists for the sample's json and float64 arrays (keys starting with "_")
-    for ``build_kernels``: accelerations (F, steps, 2), initial velocities (F, 2), jitter
-    (F, steps, J, 2), all standard normal.
+    Returns (params, draws): params holds plain floats/bools/lists for the sample's json
+    (blur_scale, mixed, frame_factors, defocus, shift, outlier); draws the raw arrays
+    ``build_kernels`` needs besides them.
     """
     scale = float(loguniform(rng, cfg.scale_min, cfg.scale_max))
     mixed = bool(rng.random() < cfg.mixed_prob)
@@ -58,17 +67,19 @@ def sample_kernel_params(rng: np.random.Generator, cfg: KernelConfig, frames: in
         shift = np.clip(z * std[:, None], -misalign.misalign_max_px, misalign.misalign_max_px)
         shift[0] = 0.0
         factors = np.where(outlier, factors * misalign.outlier_blur, factors)
-    return {
+    params = {
         "blur_scale": scale,
         "mixed": mixed,
         "frame_factors": factors.tolist(),
         "defocus": defocus.tolist(),
         "shift": shift.tolist(),  # residual misalignment (dx, dy) per frame, px; frame 0: (0, 0)
         "outlier": outlier.tolist(),  # per frame: an outlier (shifted and blurred more)
-        "_accel": rng.standard_normal((frames, cfg.steps, 2)),
-        "_v0": rng.standard_normal((frames, 2)),
-        "_jitter": rng.standard_normal((frames, cfg.steps, cfg.jitter_points, 2)),
     }
+    # drawn last, in this order: the draws above come first in the stream
+    draws = ShakeDraws(accel=rng.standard_normal((frames, cfg.steps, 2)),
+                       v0=rng.standard_normal((frames, 2)),
+                       jitter=rng.standard_normal((frames, cfg.steps, cfg.jitter_points, 2)))
+    return params, draws
 
 
 def trajectories(accel: np.ndarray, v0: np.ndarray, damping: float) -> np.ndarray:
@@ -105,15 +116,17 @@ def splat(points: np.ndarray, K: int) -> np.ndarray:
     return out
 
 
-def build_kernels(params: dict, cfg: KernelConfig, K: int) -> tuple[np.ndarray, np.ndarray, list[float]]:
-    """Pure function of ``sample_kernel_params``' output.
+def build_kernels(params: dict, draws: ShakeDraws, cfg: KernelConfig,
+                  K: int) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    """Pure function of ``sample_kernel_params``' output (params: its json values, draws: its
+    raw arrays).
 
     Returns (kernels float32 (F, K, K) summing to 1, trajectories float32 (F, T, 2) in px,
     fit factors: per frame the factor (<= 1) by which the path was shrunk to fit in K×K).
     """
-    traj = trajectories(params["_accel"], params["_v0"], cfg.damping)
+    traj = trajectories(draws.accel, draws.v0, cfg.damping)
     traj *= (params["blur_scale"] * np.asarray(params["frame_factors"]))[:, None, None]  # RMS radius, px
-    jitter = params["_jitter"]
+    jitter = draws.jitter
     F, T, J, _ = jitter.shape
     points = np.asarray(params["defocus"])[:, None, None, None] * jitter
     points += traj[:, :, None, :]

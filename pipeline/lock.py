@@ -32,6 +32,7 @@ import threading
 import time
 from pathlib import Path
 
+from common.errors import UserError
 from pipeline.format import LOCK as LOCK_FILE  # ".render.lock": the name is the format's, never data
 
 HEARTBEAT_S = 30.0  # how often the holder touches the lock
@@ -40,7 +41,7 @@ log = logging.getLogger("pipeline")
 _HELD: set[str] = set()  # tokens of the locks this process holds now
 
 
-class LockHeld(RuntimeError):
+class LockHeld(UserError):
     """The folder is being rendered by a live run; the message is one line."""
 
 

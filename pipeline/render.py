@@ -1,10 +1,12 @@
-"""One sample: ``sample_params(rng, cfg) -> params`` and ``render(canvas, params, cfg) -> burst``.
+"""One sample: ``sample_params(rng, cfg) -> (params, draws)`` and ``render(canvas, params, draws,
+cfg, noise_rng) -> burst``.
 
 Randomness: sample (split, i) uses ``Generator(SeedSequence([seed, split_id, i]))`` and nothing
 else. Its three children feed, in order, the sharp canvas (source), the parameters and the noise,
 so changing e.g. the noise model leaves the canvas and the kernels of every sample as they were.
 
-``render_sample(cfg, split, index)`` returns exactly the sample that the shard holds.
+``render_sample(cfg, split, index)`` returns exactly the sample that the shard holds;
+``sample_stats(params)`` the per-sample figures its shard's stats file records.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 
 from pipeline import imaging, kernels, sources
 from pipeline.config import ShardConfig
+from pipeline.distributions import loguniform
 
 
 def split_id(split: str) -> int:
@@ -33,34 +36,37 @@ def sample_streams(cfg: ShardConfig, split: str, index: int) -> tuple[np.random.
     return tuple(np.random.Generator(np.random.PCG64(child)) for child in ss.spawn(3))
 
 
-def sample_params(rng: np.random.Generator, cfg: ShardConfig) -> dict:
+def sample_params(rng: np.random.Generator, cfg: ShardConfig) -> tuple[dict, kernels.ShakeDraws]:
     """Every random parameter of one burst except the canvas and the noise field.
 
-    Plain values go to the sample's json; keys starting with "_" hold the kernels' raw draws.
+    Returns (params, draws): params holds plain JSON values only (they go to the sample's json);
+    draws the kernels' raw arrays (``kernels.ShakeDraws``), which are not stored.
     """
     im = cfg.imaging
-    params = kernels.sample_kernel_params(rng, cfg.kernels, cfg.dataset.frames, im)
+    params, draws = kernels.sample_kernel_params(rng, cfg.kernels, cfg.dataset.frames, im)
     params["gamma"] = float(rng.uniform(im.gamma_min, im.gamma_max))
     boosted = bool(rng.random() < im.highlight_prob)
     params["highlight_gain"] = float(rng.uniform(1.0, im.highlight_gain_max)) if boosted else 1.0
-    params["shot_noise"] = float(kernels.loguniform(rng, im.shot_min, im.shot_max))
-    params["read_noise"] = float(kernels.loguniform(rng, im.read_min, im.read_max))
+    params["shot_noise"] = float(loguniform(rng, im.shot_min, im.shot_max))
+    params["read_noise"] = float(loguniform(rng, im.read_min, im.read_max))
     correlated = bool(rng.random() < im.correlated_prob)
     params["noise_correlation_px"] = float(im.correlated_sigma) if correlated else 0.0
     compressed = bool(rng.random() < im.jpeg_prob)
     quality = int(rng.integers(im.jpeg_quality_min, im.jpeg_quality_max + 1))
     params["jpeg_quality"] = quality if compressed else 0  # 0: frames not JPEG-compressed
-    return params
+    return params, draws
 
 
-def render(canvas: np.ndarray, params: dict, cfg: ShardConfig, noise_rng: np.random.Generator) -> dict:
-    """Degrade one sharp canvas (uint8 sRGB (C, C, 3), C = size + K - 1) with ``params``.
+def render(canvas: np.ndarray, params: dict, draws: kernels.ShakeDraws, cfg: ShardConfig,
+           noise_rng: np.random.Generator) -> dict:
+    """Degrade one sharp canvas (uint8 sRGB (C, C, 3), C = size + K - 1) with ``sample_params``'
+    output (``params``, ``draws``); the noise field is drawn from ``noise_rng``.
 
     Returns burst uint8 (F, size, size, 3) sRGB, target uint8 (size, size, 3) sRGB (the untouched
     centre crop), kernels float32 (F, K, K), trajectories float32 (F, T, 2) px, and the fit factors.
     """
     K, size, m = cfg.dataset.kernel_size, cfg.dataset.size, cfg.margin
-    kern, traj, fit = kernels.build_kernels(params, cfg.kernels, K)
+    kern, traj, fit = kernels.build_kernels(params, draws, cfg.kernels, K)
     burst = imaging.degrade(
         canvas, kern, size, gamma=params["gamma"], highlight_gain=params["highlight_gain"],
         highlight_threshold=cfg.imaging.highlight_threshold, shot=params["shot_noise"],
@@ -96,12 +102,12 @@ def render_sample(cfg: ShardConfig, split: str, index: int,
     source = source or split_source(cfg, split)
     src_rng, par_rng, noise_rng = sample_streams(cfg, split, index)
     canvas, source_info = sources.draw_canvas(src_rng, source, cfg.canvas, cfg.sources)
-    params = sample_params(par_rng, cfg)
-    out = render(canvas, params, cfg, noise_rng)
+    params, draws = sample_params(par_rng, cfg)
+    out = render(canvas, params, draws, cfg, noise_rng)
     shard = index // cfg.splits[split].samples_per_shard
     key = sample_key(split, shard, index)
     radius = kernels.kernel_radius(out["kernels"])
-    meta = {k: v for k, v in params.items() if not k.startswith("_")}
+    meta = dict(params)
     meta.update({
         "key": key,
         "split": split,
@@ -116,3 +122,12 @@ def render_sample(cfg: ShardConfig, split: str, index: int,
     })
     return {"key": key, "burst": out["burst"], "target": out["target"], "kernels": out["kernels"],
             "trajectories": out["trajectories"], "params": meta}
+
+
+def sample_stats(params: dict) -> dict:
+    """The per-sample figures a shard's stats file records, from a sample's json ``params``:
+    blur_px, the mean over frames of the kernels' RMS radius (px, 4 decimals), and
+    noise_std_mid_grey, the noise std at linear mid grey (``imaging.MID_GREY``, 6 decimals)."""
+    return {"blur_px": round(float(np.mean(params["kernel_radius_px"])), 4),
+            "noise_std_mid_grey": round(imaging.noise_std(imaging.MID_GREY, params["shot_noise"],
+                                                          params["read_noise"]), 6)}

@@ -31,25 +31,26 @@ import zarr
 from tqdm import tqdm
 
 import pipeline
+from common.errors import UserError
 from pipeline import sources
 from pipeline.config import DEFAULT_MAX_WORKER_GB, ShardConfig, check_worker_memory, config_hash, to_dict
 from pipeline.lock import LockHeld, RenderLock
-from pipeline.format import FORMAT, is_temporary, tree_checksums
-from pipeline.format import atomic_write_bytes
-from pipeline.shards import KERNELS, STATS_DIR, ShardJob, stats_path, write_shard
+from pipeline.format import (FORMAT, KERNELS, MANIFEST, MEMBER_TYPES, PLAN, STATS_DIR, atomic_write_bytes,
+                             is_temporary, tree_checksums, validate_manifest)
+from pipeline.shards import ShardJob, stats_path, write_shard
 
-PLAN = ".plan.json"
-MANIFEST = "manifest.json"
 log = logging.getLogger("pipeline")
 
 
-class RenderError(RuntimeError):
+class RenderError(UserError):
     """A run that cannot start or cannot finish; the message is one line."""
 
 
 def code_version() -> str:
     """Package version + hash of the pipeline's source: the bytes depend on both."""
     h = hashlib.sha256()
+    loader = Path(pipeline.__file__).parent.parent / "common" / "config.py"  # resolves every config value
+    h.update(b"common/config.py" + loader.read_bytes())
     for path in sorted(Path(pipeline.__file__).parent.glob("*.py")):
         if path.name not in ("__main__.py", "inspect.py", "lock.py"):  # they never touch a sample's bytes
             h.update(path.name.encode() + path.read_bytes())
@@ -358,7 +359,8 @@ def _render(cfg: ShardConfig, out_dir: Path, workers: int, engine: str, address:
 
 def build_manifest(cfg: ShardConfig, out_dir: Path, chash: str, version: str, jobs: list[ShardJob],
                    split_sources: dict[str, sources.SourceList]) -> dict:
-    """Collect every shard's stats (all must be done) into the manifest."""
+    """Collect every shard's stats (all must be done) into the manifest, checked as every reader
+    checks it (``pipeline.format.validate_manifest``) before anything is written."""
     splits = {}
     for split, sc in cfg.splits.items():
         shards, failures = [], {}
@@ -380,7 +382,7 @@ def build_manifest(cfg: ShardConfig, out_dir: Path, chash: str, version: str, jo
             "skipped": {reason: {"count": len(p), "inputs": p} for reason, p in sorted(skipped.items())},
             "shards": shards,
         }
-    return {
+    manifest = {
         "format": FORMAT,
         "name": cfg.dataset.name,
         "config": to_dict(cfg),
@@ -391,12 +393,12 @@ def build_manifest(cfg: ShardConfig, out_dir: Path, chash: str, version: str, jo
         "size": cfg.dataset.size,
         "kernel_size": cfg.dataset.kernel_size,
         "kernels": KERNELS,
-        "members": {"burst.npy": "uint8 (frames, size, size, 3) sRGB",
-                    "target.png": "uint8 (size, size, 3) sRGB", "json": "sampled parameters"},
+        "members": dict(MEMBER_TYPES),
         "splits": splits,
         # every file of kernels.zarr (chunks and metadata), for verify: a lost chunk reads back as zeros
         "kernel_files": tree_checksums(out_dir / KERNELS),
     }
+    return validate_manifest(manifest, out_dir / MANIFEST)
 
 
 def shard_paths(manifest: dict, split: str) -> list[str]:

@@ -38,6 +38,8 @@ import numpy as np
 import scipy.fft as sfft
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from common.errors import UserError, flat
+
 # Reasons a file is skipped at scan time (keys of SourceList.skipped), in report order.
 SKIP_REASONS = ("not an image", "unreadable", "too small", "decompression bomb", "unsupported mode")
 
@@ -86,11 +88,11 @@ _SCAN_THREADS = 8
 _SCAN_CHUNK = 512  # files per thread task
 
 
-class SourceError(ValueError):
+class SourceError(UserError):
     """A source that cannot be used; the message is one line naming the problem."""
 
 
-class PhotoDecodeError(ValueError):
+class PhotoDecodeError(UserError):
     """A listed photo whose full decode failed (truncated, corrupt, ...)."""
 
     def __init__(self, path: str, reason: str, detail: str):
@@ -343,10 +345,10 @@ def load_photo_depth(path: str) -> tuple[np.ndarray, int]:
                 im.load()
                 im = ImageOps.exif_transpose(im)
         except Image.DecompressionBombError as e:
-            raise PhotoDecodeError(path, "decompression bomb", _one_line(e)) from None
+            raise PhotoDecodeError(path, "decompression bomb", flat(e)) from None
         except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error,
                 zlib.error) as e:
-            raise PhotoDecodeError(path, "truncated or corrupt", _one_line(e)) from None
+            raise PhotoDecodeError(path, "truncated or corrupt", flat(e)) from None
     if im.mode not in _SUPPORTED_MODES:
         raise PhotoDecodeError(path, "unsupported mode", im.mode)
     return to_rgb8(im), bits
@@ -389,10 +391,6 @@ def to_rgb8(im: Image.Image) -> np.ndarray:
     else:  # CMYK, YCbCr, LAB, HSV: Pillow's own conversion
         return np.array(im.convert("RGB"), dtype=np.uint8)
     return np.ascontiguousarray(np.repeat(gray[..., None], 3, axis=2))
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
 
 
 # Per-process caches of decoded photos (LRU, read-only arrays) and of files that failed to decode
@@ -479,7 +477,7 @@ def draw_canvas(rng: np.random.Generator, source: SourceList, canvas: int, cfg) 
             bisect.insort(failed, k)
             continue
         except OSError as e:
-            failures.append([source.name(path), f"unreadable ({_one_line(e)})"])
+            failures.append([source.name(path), f"unreadable ({flat(e)})"])
             bisect.insort(failed, k)
             continue
         image, crop = crop_photo(rng, photo, canvas, cfg.photo_scale_min, cfg.photo_scale_max)

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import trainer.train as train_mod
-from trainer.checkpoint import INFERENCE_KEYS, TRAINING_KEYS, CheckpointError, load_checkpoint, save_atomic
+from trainer.checkpoint import (INFERENCE_KEYS, TRAINING_KEYS, CheckpointError, load_checkpoint, peek, read_config,
+                                save_atomic)
 from trainer.config import TrainConfig, load_train_config, to_dict
 from trainer.model import ModelConfig, build_model, load
 
@@ -111,6 +112,30 @@ def test_load_checkpoint_names_the_file_and_the_problem(tmp_path):
     # trainer.model.load (evaluate, deblur, export) applies the same policy
     with pytest.raises(ValueError, match="refused by torch.load"):
         load(tmp_path / "pickled_object.pt")
+
+
+def test_read_config_reads_the_config_alone_with_the_same_policy(tmp_path):
+    """read_config / peek: the config (or the small entries) without reading the tensors, with the
+    errors of load_checkpoint; legacy (non-zip) torch files are read too."""
+    ckpt = training_checkpoint()
+    path = tmp_path / "last.pt"
+    torch.save(ckpt, path)
+    assert read_config(path) == ckpt["config"] == read_config(path, TRAINING_KEYS)
+    assert peek(path, TRAINING_KEYS)["step"] == 3 and peek(path)["best_val_psnr"] == 20.0
+    legacy = tmp_path / "legacy.pt"
+    torch.save(ckpt, legacy, _use_new_zipfile_serialization=False)
+    assert read_config(legacy) == ckpt["config"]
+    for kind, why in REASONS.items():
+        damaged = tmp_path / f"{kind}.pt"
+        write_damaged(damaged, kind)
+        with pytest.raises(CheckpointError) as e:
+            read_config(damaged, TRAINING_KEYS)
+        assert why in e.value.reason and "\n" not in str(e.value)
+    torch.save({k: v for k, v in ckpt.items() if k != "config"}, tmp_path / "no_config.pt")
+    with pytest.raises(CheckpointError, match="no 'config' dict"):
+        read_config(tmp_path / "no_config.pt")
+    with pytest.raises(CheckpointError, match="no such file"):
+        read_config(tmp_path / "missing.pt")
 
 
 def test_save_atomic_round_trips_and_leaves_no_temporary(tmp_path):

@@ -7,6 +7,8 @@ import hashlib
 import io
 import json
 import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -86,6 +88,15 @@ def test_validation_set_is_the_first_samples_in_key_order(tiny_shards):
     assert first["keys"] == again["keys"]
     assert np.array_equal(first["burst"], again["burst"]) and first["burst"].shape == (5, 4, 48, 48, 3)
     assert first["target"].shape == (5, 48, 48, 3)
+
+
+def test_shards_are_read_with_the_formats_own_reader_not_webdataset():
+    """trainer.data reads tars with pipeline.format.iter_shard: no webdataset module is imported
+    (its private tar iterators can change under a version bump)."""
+    code = "import sys, trainer.data; assert not [m for m in sys.modules if m.split('.')[0] == 'webdataset']"
+    r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
 
 
 def test_missing_folder_and_manifest_are_one_line_errors(tmp_path):

@@ -1,6 +1,8 @@
-"""The user path: loading frames, alignment, tiled inference, order invariance, bad inputs."""
+"""The deblur command and deblur_frames: loading frames, order invariance, bad inputs, the shipped
+model. Alignment and tiling have their own tests (test_align.py, test_tiling.py)."""
 
 import dataclasses
+import re
 from pathlib import Path
 
 import numpy as np
@@ -8,19 +10,13 @@ import pytest
 import skimage.data
 import torch
 from PIL import Image
-from scipy.ndimage import gaussian_filter, map_coordinates
 
+from common.errors import UserError
+from tests.bursts import make_model, render, translation
 from trainer import deblur
-from trainer.deblur import (AlignmentError, align_burst, alignment_level, auto_overlap, choose_reference,
-                            estimate_alignment, gray, load_frames, pyramid, receptive_radius, run_tiled)
-from trainer.model import ModelConfig, build_model, load
-
-
-def make_model(seed=0, **kw):
-    # module init draws from the global generator: seed it inside fork_rng to leave it untouched
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build_model(ModelConfig(**{"width": 8, **kw})).eval()
+from trainer.align import AlignmentError
+from trainer.deblur import DeblurInputError, DeblurOptions, load_frames
+from trainer.model import load
 
 
 @pytest.fixture(scope="module")
@@ -29,163 +25,6 @@ def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
     torch.save({"model": model.state_dict(), "config": {"model": dataclasses.asdict(model.cfg)}}, path)
     return path
-
-
-PHOTO = skimage.data.astronaut().astype(np.float64)  # 512x512 RGB
-
-
-def render(h, shape, offset=(150, 120), blur=0.0, noise=0.0, rng=None):
-    """A view of PHOTO: out(x) = PHOTO(offset + h(x)), bilinear; optional blur and noise. uint8."""
-    ys, xs = np.mgrid[0 : shape[0], 0 : shape[1]].astype(np.float64)
-    xw, yw, _ = deblur._apply(h, xs, ys)
-    out = np.stack([map_coordinates(PHOTO[..., c], [yw + offset[0], xw + offset[1]], order=1)
-                    for c in range(3)], axis=-1)
-    if blur:
-        out = gaussian_filter(out, (blur, blur * 0.3, 0))  # directional, camera-shake-like
-    if noise:
-        out = out + rng.normal(0, noise, out.shape)
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
-
-
-def translation(dx, dy):
-    return np.array([[1, 0, dx], [0, 1, dy], [0, 0, 1.0]])
-
-
-def corner_error(h_est, h_true, shape):
-    cx = np.array([0, shape[1] - 1, shape[1] - 1, 0], float)
-    cy = np.array([0, 0, shape[0] - 1, shape[0] - 1], float)
-    ax, ay, _ = deblur._apply(h_est, cx, cy)
-    bx, by, _ = deblur._apply(h_true, cx, cy)
-    return float(np.max(np.hypot(ax - bx, ay - by)))
-
-
-def align_pair(ref, frame, motion):
-    level = alignment_level(ref.shape[:2], 1024)
-    return estimate_alignment(pyramid(gray(ref), level), pyramid(gray(frame), level), motion)
-
-
-# ----------------------------------------------------------------------------- alignment
-
-
-@pytest.mark.parametrize("shift", [(2.3, -1.7), (0.37, 0.81), (-7.6, 4.25)])
-def test_translation_recovers_subpixel_shift(shift):
-    shape = (96, 128)
-    ref = render(np.eye(3), shape)
-    frame = render(translation(*shift), shape)  # frame(x) = photo(x + shift): ref(x) = frame(x - shift)
-    a = align_pair(ref, frame, "translation")
-    np.testing.assert_allclose(a.homography[:2, 2], [-shift[0], -shift[1]], atol=0.1)
-    assert a.correlation > 0.99
-
-
-def test_homography_recovered_on_a_noisy_frame():
-    shape = (256, 320)  # at 192x224 the corners of this crop are too flat to pin down: 0.17 px
-    h = np.array([[1.01, 0.02, 3.1], [-0.015, 0.995, -2.2], [2e-5, -3e-5, 1.0]])
-    ref = render(np.eye(3), shape)
-    frame = render(h, shape, noise=2.0, rng=np.random.default_rng(0))
-    a = align_pair(ref, frame, "homography")
-    assert corner_error(a.homography, np.linalg.inv(h), shape) < 0.1
-    # a translation-only model cannot express the rotation: a much larger residual
-    assert corner_error(align_pair(ref, frame, "translation").homography, np.linalg.inv(h), shape) > 1.0
-
-
-def test_alignment_failure_names_the_frame():
-    shape = (96, 128)
-    ref = render(np.eye(3), shape)
-    other = np.asarray(Image.fromarray(skimage.data.coffee()).resize((128, 96)))  # unrelated content
-    with pytest.raises(AlignmentError, match="frame b.png: alignment to a.png failed"):
-        align_burst([ref, other], reference=0, names=["a.png", "b.png"])
-
-
-def test_aligned_frames_match_the_reference():
-    shape = (96, 128)
-    ref = render(np.eye(3), shape)
-    frames = [render(translation(3.4, -2.2), shape), ref, render(translation(-1.5, 0.6), shape)]
-    aligned, index, alignments = align_burst(frames, reference=1)
-    assert index == 1 and alignments[1] is None and aligned[1] is frames[1]
-    inner = (slice(8, -8), slice(8, -8))  # away from the fill-in border
-    unaligned = np.abs(frames[0][inner].astype(int) - ref[inner].astype(int)).mean()  # ~23 levels
-    for frame in (aligned[0], aligned[2]):
-        # ~3.5 levels remain: the scene was resampled bilinearly twice (render, then warp)
-        diff = np.abs(frame[inner].astype(int) - ref[inner].astype(int)).mean()
-        assert diff < 4.5 and diff < 0.2 * unaligned, (diff, unaligned)
-
-
-def test_auto_reference_is_the_sharpest_frame():
-    shape = (96, 128)
-    sharp = render(translation(1, 1), shape)
-    blurred = [render(translation(0, 0), shape, blur=2.5), render(translation(2, -1), shape, blur=1.5)]
-    level = alignment_level(shape, 1024)
-    for order in ([sharp, *blurred], [blurred[0], sharp, blurred[1]], [*blurred, sharp]):
-        index = choose_reference([pyramid(gray(f), level)[level] for f in order])
-        assert order[index] is sharp
-
-
-# ----------------------------------------------------------------------------- tiling
-
-
-def test_receptive_radius_sets_the_overlap():
-    # 4 levels, 2 convs per block: 40 px; margins of overlap/2 - 8 >= 40 -> 96 (a multiple of 8)
-    assert receptive_radius(ModelConfig()) == 40
-    assert auto_overlap(ModelConfig()) == 96
-    assert receptive_radius(ModelConfig(width=8, mults=[1, 2, 3])) < 40
-
-
-def test_tiled_equals_untiled():
-    # With the automatic overlap every output pixel comes from a tile holding its whole receptive
-    # field, and tile origins sit on the model's stride grid: the same numbers as one pass, up to
-    # float rounding (measured 2e-7). 150x170 in 128-px tiles: 2x3 tiles of two sizes per axis.
-    model = make_model()
-    rng = np.random.default_rng(0)
-    frames = [rng.integers(0, 256, (150, 170, 3), dtype=np.uint8) for _ in range(3)]
-    whole = run_tiled(model, frames, tile=512)
-    tiled = run_tiled(model, frames, tile=128, batch=2)
-    assert np.abs(tiled - whole).max() < 1e-5
-    # the overlap is what makes this work: a thin one shows the tile seams (measured ~0.06)
-    thin = run_tiled(model, frames, tile=128, overlap=16)
-    assert np.abs(thin - whole).max() > 1e-3
-    # and one untiled pass is the model itself
-    x = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float().div(255)[None]
-    with torch.no_grad():
-        direct = model(x).clamp(0, 1)[0].permute(1, 2, 0).numpy()
-    np.testing.assert_allclose(whole, direct, atol=1e-6)
-
-
-class OutOfMemoryAboveOne(torch.nn.Module):
-    """Wraps a model; a batch of more than one tile 'runs out of GPU memory'."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model, self.cfg, self.calls = model, model.cfg, []
-
-    def forward(self, x):
-        self.calls.append(x.shape[0])
-        if x.shape[0] > 1:
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return self.model(x)
-
-
-def test_out_of_memory_halves_the_batch():
-    model = make_model()
-    rng = np.random.default_rng(1)
-    frames = [rng.integers(0, 256, (120, 150, 3), dtype=np.uint8) for _ in range(2)]
-    wrapped = OutOfMemoryAboveOne(model)
-    out = run_tiled(wrapped, frames, tile=112, batch=4)
-    assert max(wrapped.calls) == 4 and wrapped.calls[-1] == 1
-    np.testing.assert_array_equal(out, run_tiled(model, frames, tile=112, batch=1))
-
-
-def test_tiles_cover_with_overlap_on_the_stride_grid():
-    for length in (97, 150, 513, 1000, 1024, 3000, 4000):
-        for tile, overlap in ((128, 96), (512, 96), (256, 32)):
-            tiles = deblur.tile_starts(length, tile, overlap, 8)
-            assert tiles[0][0] == 0 and tiles[-1][1] == length
-            assert all(s % 8 == 0 and e - s <= max(tile + 7, length if len(tiles) == 1 else 0) for s, e in tiles)
-            assert all(a_end - b_start >= overlap for (_, a_end), (b_start, _) in zip(tiles, tiles[1:]))
-    assert deblur.tile_starts(200, 256, 96, 8) == [(0, 200)]
-    # balanced: 4000 px in 512-px tiles computes 22% twice, not the 28% of a fixed stride
-    assert sum(e - s for s, e in deblur.tile_starts(4000, 512, 96, 8)) <= 1.23 * 4000
-    with pytest.raises(ValueError, match="must exceed"):
-        deblur.tile_starts(1000, 100, 96, 8)
 
 
 # ----------------------------------------------------------------------------- the command
@@ -268,6 +107,36 @@ def test_bad_inputs_give_one_clear_error(tmp_path, checkpoint):
     with pytest.raises(ValueError, match="out of range"):
         deblur.main([*base, "--reference", "7", *paths])
     assert not (tmp_path / "o.png").exists()
+
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tile", "8"], "--tile must be >= 16, got 8"),
+    (["--overlap", "wide"], "--overlap must be 'auto' or a number of px, got 'wide'"),
+    (["--overlap", "-4"], "--overlap must be >= 0, got -4"),
+    (["--batch", "-1"], "--batch must be >= 1 (or 0 for the default), got -1"),
+    (["--align-size", "32"], "--align-size must be >= 64, got 32"),
+    (["--reference", "sharpest"], "--reference must be 'auto' or a frame index, got 'sharpest'"),
+    (["--device", "tpu"], "--device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'tpu'"),
+])
+def test_bad_options_are_one_line_user_errors(tmp_path, capsys, checkpoint, argv, message):
+    paths = write_burst(tmp_path)
+    args = ["--checkpoint", str(checkpoint), "--device", "cpu", "--quiet", "--out", str(tmp_path / "o.png"), *argv]
+    with pytest.raises(UserError, match=re.escape(message)):
+        deblur.main([*args, *paths])
+    assert _cli_error(capsys, ["deblur", *args, *paths]) == f"error: {message}"
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_options_are_checked_for_api_callers_too(checkpoint):
+    with pytest.raises(DeblurInputError, match="--tile must be >= 16"):
+        DeblurOptions(tile=8)
+    with pytest.raises(DeblurInputError, match="--motion must be"):
+        DeblurOptions(motion="affine")
+    frames = [np.zeros((40, 48, 3), np.uint8)] * 2
+    for align in (True, False):
+        with pytest.raises(DeblurInputError, match="--reference 2 is out of range for 2 frames"):
+            deblur.deblur_frames(load(checkpoint), frames, DeblurOptions(reference=2, align=align))
 
 
 def test_the_shipped_model_is_the_default_and_beats_the_mean_of_the_frames(tmp_path):

@@ -1,12 +1,16 @@
 """pipeline/format.py: a dataset folder is untrusted input. Each fault is one clear line, no crash,
 no big allocation: bad manifests, huge .npy headers, decompression-bomb PNGs, link members,
-lost or changed kernels.zarr chunks, stray files. Also: the checksums travel reproducibly."""
+badly laid out tars, lost or changed kernels.zarr chunks, stray files. Also: the checksums travel
+reproducibly; names and keys parse back; the encoders write what the stock readers read (Pillow,
+np.load, webdataset) and what the format's own reader gives back."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
+import re
 import shutil
 import struct
 import subprocess
@@ -20,11 +24,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from common.errors import UserError
 from pipeline import format as fmt
-from pipeline.format import DataError, decode_npy, decode_png, tree_checksums, validate_manifest
-from pipeline.inspect import check_dataset, read_manifest, read_sample, verify
+from pipeline.format import (MEMBERS, DataError, Manifest, decode_npy, decode_png, decode_sample, encode_npy,
+                             encode_png, encode_sample, iter_shard, read_manifest, tree_checksums, validate_manifest)
+from pipeline.inspect import check_dataset, read_sample, verify
+from pipeline.render import render_sample
 from pipeline.run import render_dataset
-from pipeline.shards import encode_npy, encode_png
 from tests.conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -293,8 +299,8 @@ def test_link_or_device_member_is_refused(ds, kind, text):
         read_sample(ds, "val-000001-000004")
     from trainer import data
 
-    # webdataset's tar iterator drops non-regular members: the trainer sees the member missing
-    with pytest.raises(DataError, match=r"sample val-000001-000004: missing member\(s\) target.png"):
+    # the trainer reads through the same iterator: the same line, naming the shard
+    with pytest.raises(DataError, match=rf"^shard \S+val-000001\.tar: {name} is {text.split(' (')[0]}"):
         list(data.iter_samples(ds, "val"))
 
 
@@ -383,3 +389,258 @@ def test_format_module_needs_no_torch():
     code = "import sys, pipeline.format, pipeline.inspect; assert 'torch' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
     assert fmt.FORMAT == "burst-shards/1"
+
+
+# ----------------------------------------------------------------------------- member encoders (from test_imaging)
+
+
+@pytest.mark.parametrize("shape", [(160, 160, 3), (1, 1, 3), (7, 13, 3), (300, 301, 3)])
+@pytest.mark.parametrize("level", [0, 1])
+def test_png_is_read_back_exactly_by_pillow(shape, level):
+    img = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
+    data = encode_png(img, level)
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.format == "PNG" and im.mode == "RGB" and im.size == (shape[1], shape[0])
+        np.testing.assert_array_equal(np.asarray(im), img)
+    assert encode_png(img.copy(), level) == data
+
+
+def test_stored_zlib_stream_round_trips_at_block_edges():
+    for n in (0, 1, 65535, 65536, 3 * 65535 + 7):
+        data = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8).tobytes()
+        assert zlib.decompress(fmt._zlib_stored(memoryview(data))) == data
+
+
+def test_png_rejects_what_is_not_rgb8():
+    with pytest.raises(ValueError, match="uint8"):
+        encode_png(np.zeros((4, 4), np.uint8))
+    with pytest.raises(ValueError, match="uint8"):
+        encode_png(np.zeros((4, 4, 3), np.float32))
+
+
+@pytest.mark.parametrize("arr", [
+    np.arange(8 * 5 * 6 * 3, dtype=np.uint8).reshape(8, 5, 6, 3),
+    np.arange(24, dtype=np.float32).reshape(2, 3, 4)[:, ::2],  # not contiguous
+    np.asfortranarray(np.arange(12.0).reshape(3, 4)),
+    np.zeros((0, 3), np.int16), np.float64(2.5), np.arange(5, dtype=">i4"),
+])
+def test_npy_is_what_np_save_writes(arr):
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    data = encode_npy(arr)
+    assert data == buf.getvalue()
+    np.testing.assert_array_equal(np.load(io.BytesIO(data), allow_pickle=False), arr)
+
+
+def golden_sample() -> dict:
+    """A small sample built without randomness: the same on any machine and numpy version."""
+    n = 3 * 9 * 11 * 3
+    return {"key": "train-000001-000007",
+            "burst": (np.arange(n) * 37 % 256).astype(np.uint8).reshape(3, 9, 11, 3),
+            "target": (np.arange(9 * 11 * 3) * 11 % 256).astype(np.uint8).reshape(9, 11, 3),
+            "params": {"key": "train-000001-000007", "gamma": 2.2, "shift": [[0.0, 0.0], [0.5, -1.25], [1e-3, 2.0]],
+                       "source": {"source": "deadleaves", "crop": [1, 2, 3]}, "mixed": False, "é": "ü"}}
+
+
+def members_digest(members: list[tuple[str, bytes]]) -> str:
+    h = hashlib.sha256()
+    for name, data in members:
+        h.update(name.encode() + b"\0" + data)
+    return h.hexdigest()
+
+
+# What pipeline.shards.sample_members wrote before the encoders moved to pipeline.format (and what
+# encode_sample writes now). Regenerate only for a deliberate format change, which changes every
+# shard's bytes: python -c "from tests.test_format import *; print(members_digest(encode_sample(golden_sample())))"
+GOLDEN_MEMBERS = "fe04d748b2cfaac1e42af4a5c138c41d68728d70e88d7382904b770c67d20e5b"
+
+
+def test_encode_sample_writes_the_members_in_tar_order_with_pinned_bytes():
+    members = encode_sample(golden_sample())
+    assert [name for name, _ in members] == [f"train-000001-000007.{m}" for m in MEMBERS]
+    assert [name for name, _ in members] == sorted(name for name, _ in members)  # tar order is sorted order
+    assert sorted(MEMBERS) == list(MEMBERS) == sorted(fmt.MEMBER_TYPES)
+    assert members_digest(members) == GOLDEN_MEMBERS, "the member bytes changed: every shard would differ"
+    for bad in ("train-1-7", "train-000001-000007.x", None):
+        with pytest.raises(ValueError, match="bad sample key"):
+            encode_sample({**golden_sample(), "key": bad})
+
+
+def write_tar(path: Path, members) -> Path:
+    """A tar of (name, bytes) members in the order given (regular files, as tarfile defaults them)."""
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_encoded_samples_come_back_through_iter_shard_and_decode_sample(tmp_path):
+    samples = [render_sample(tiny_config(), "val", i) for i in (4, 5)]
+    path = write_tar(tmp_path / "val-000001.tar", [m for s in samples for m in encode_sample(s)])
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    raws = list(iter_shard(path, sha256=digest, samples=2, first=4))
+    assert [r["__key__"] for r in raws] == ["val-000001-000004", "val-000001-000005"]
+    for raw, sample in zip(raws, samples):
+        out = decode_sample(raw, "w", 4, 48)
+        assert out["key"] == sample["key"] and out["params"] == json.loads(json.dumps(sample["params"]))
+        np.testing.assert_array_equal(out["burst"], sample["burst"])
+        np.testing.assert_array_equal(out["target"], sample["target"])
+        assert encode_sample(out) == [(f"{out['key']}.{m}", raw[m]) for m in MEMBERS]  # and back to the same bytes
+
+
+def test_webdataset_public_api_reads_the_same_samples_as_iter_shard(tiny_shards):
+    import webdataset as wds
+
+    man = read_manifest(tiny_shards)
+    for entry in man.shards("val") + man.shards("test"):
+        url = str(tiny_shards / entry.file)
+        ours = list(iter_shard(url, sha256=entry.sha256, samples=entry.samples, first=entry.first))
+        theirs = list(wds.WebDataset(url, shardshuffle=False, empty_check=False))
+        assert [s["__key__"] for s in theirs] == [s["__key__"] for s in ours] and len(ours) == entry.samples
+        for a, b in zip(theirs, ours):
+            assert {k for k in a if not k.startswith("__")} == set(MEMBERS)
+            assert {k: a[k] for k in MEMBERS} == {k: b[k] for k in MEMBERS}
+
+
+# ----------------------------------------------------------------------------- names, keys, the Manifest
+
+
+def test_names_and_keys_parse_back():
+    assert fmt.sample_key("train", 3, 1234) == "train-000003-001234"
+    assert fmt.parse_key("train-000003-001234") == ("train", 3, 1234)
+    key = fmt.parse_key("val_2-000000-000007")
+    assert (key.split, key.shard, key.index) == ("val_2", 0, 7)
+    assert fmt.shard_file("test", 12) == "test-000012.tar" and fmt.parse_shard_file("test-000012.tar") == ("test", 12)
+    assert fmt.stats_file("test", 12) == "stats/test-000012.json"
+    for bad in ("train-3-1234", "train-000003-001234.json", "Train-000003-001234", "train-000003", "", None):
+        with pytest.raises(DataError, match="^bad sample key"):
+            fmt.parse_key(bad)
+    with pytest.raises(DataError, match="not a shard file name"):
+        fmt.parse_shard_file("train-000003.tar.gz")
+    for args in (("train", 10 ** 6, 0), ("train", 0, -1), ("Train", 0, 0), ("a-b", 0, 0), ("train", 0, 1.0)):
+        with pytest.raises(ValueError):
+            fmt.sample_key(*args)
+    assert issubclass(DataError, UserError)  # the CLIs print it as one line
+
+
+def test_read_manifest_gives_a_typed_manifest_that_is_also_the_json(tiny_shards):
+    man = read_manifest(tiny_shards)
+    raw = json.loads((tiny_shards / "manifest.json").read_text())
+    assert isinstance(man, Manifest) and man == raw and man["config"] == raw["config"] and man.get("seed") == 7
+    assert man.path == tiny_shards / "manifest.json" and man.folder == tiny_shards
+    assert (man.name, man.seed, man.frames, man.size, man.kernel_size) == ("tiny", 7, 4, 48, 15)
+    assert man.kernels == "kernels.zarr"
+    assert man.config_hash == raw["config_hash"] and man.code_version == raw["code_version"]
+    assert list(man.splits) == list(raw["splits"]) and man.kernel_files == tuple(raw["kernel_files"])
+    train = man.split("train")
+    assert (train.samples, train.samples_per_shard, train.source, train.skipped) == (16, 4, "deadleaves", {})
+    assert [s.file for s in man.shards("train")] == [f"train-{i:06d}.tar" for i in range(4)]
+    assert [(s.split, s.shard, s.first, s.samples) for s in man.shards("val")] == [("val", 0, 0, 4), ("val", 1, 4, 4)]
+    listed = raw["splits"]["test"]["shards"][1]
+    assert (man.shards("test")[1].bytes, man.shards("test")[1].sha256) == (listed["bytes"], listed["sha256"])
+    assert man.key("train", 13) == "train-000003-000013" and train.shard_of(13) is man.shards("train")[3]
+    with pytest.raises(DataError, match=rf"^{re.escape(str(tiny_shards))}: no split 'nope' \(has: test, train, val\)$"):
+        man.split("nope")
+    for index in (16, -1):
+        with pytest.raises(DataError, match=rf"^index {index} out of range for split 'train' \(16 samples\)$"):
+            man.key("train", index)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        man.frames = 3
+    with pytest.raises(TypeError):  # a read-only Mapping
+        man["frames"] = 3
+
+
+# ----------------------------------------------------------------------------- shard layout
+
+
+def layout(*names: str) -> list[tuple[str, bytes]]:
+    return [(name, b"x" * 10) for name in names]
+
+
+K0, K1 = "val-000000-000000", "val-000000-000001"
+BAD_LAYOUTS = {
+    "apart": (layout(f"{K0}.burst.npy", f"{K0}.json", f"{K1}.burst.npy", f"{K0}.target.png"),
+              f"{K0}.target.png is apart from the other members of sample {K0}"),
+    "twice": (layout(f"{K0}.burst.npy", f"{K0}.burst.npy"), f"{K0}.burst.npy appears twice"),
+    "another shard's key": (layout("val-000001-000004.json"),
+                            "val-000001-000004.json is not a member of this shard (keys val-000000-NNNNNN)"),
+    "no key": (layout("README"), "README is not a member of this shard (keys val-000000-NNNNNN)"),
+    "unknown member": (layout(f"{K0}.burst.npy", f"{K0}.depth.npy"),
+                       f"{K0}.depth.npy is not a sample member (burst.npy, json, target.png)"),
+    "index outside": (layout("val-000000-000009.json"),
+                      "val-000000-000009.json: index outside this shard's samples 0..1"),
+    "fewer samples": (layout(f"{K0}.burst.npy", f"{K0}.json", f"{K0}.target.png"),
+                      "holds 1 samples, the manifest lists 2 (corrupt tar)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_LAYOUTS))
+def test_badly_laid_out_shard_is_one_line_naming_the_member(tmp_path, case):
+    members, message = BAD_LAYOUTS[case]
+    path = write_tar(tmp_path / "val-000000.tar", members)
+    with pytest.raises(DataError) as e:
+        list(iter_shard(path, label="val-000000.tar", samples=2, first=0))
+    assert str(e.value) == f"val-000000.tar: {message}"
+
+
+def test_shard_reader_checks_the_checksum_first_and_reads_only_shard_files(tmp_path):
+    path = write_tar(tmp_path / "val-000000.tar", layout(f"{K0}.burst.npy", f"{K0}.json", f"{K0}.target.png"))
+    assert len(list(iter_shard(path))) == 1 and len(list(iter_shard(path, samples=1, first=0))) == 1
+    raws = iter_shard(path, sha256="0" * 64)  # nothing is read before the first next()
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: sha256 differs from the manifest$"):
+        next(raws)
+    with pytest.raises(DataError, match=r"^x: not a shard file name \(<split>-NNNNNN\.tar\)$"):
+        next(iter_shard(tmp_path / "x.tar", label="x"))
+    with pytest.raises(DataError, match=r"^s: unreadable \(FileNotFoundError: "):
+        next(iter_shard(tmp_path / "val-000009.tar", label="s"))
+    (tmp_path / "val-000001.tar").write_bytes(b"not a tar " * 100)
+    with pytest.raises(DataError, match=r"^s: unreadable tar after 0 samples \(ReadError: "):
+        next(iter_shard(tmp_path / "val-000001.tar", label="s"))
+
+
+def test_sample_decoder_wants_exactly_the_members():
+    good = dict(encode_sample(golden_sample()))
+    raw = {"__key__": "train-000001-000007", **{name.split(".", 1)[1]: data for name, data in good.items()}}
+    assert decode_sample(raw, "w", 3, None)["params"] == golden_sample()["params"]
+    with pytest.raises(DataError, match=r"^w: sample train-000001-000007: missing member\(s\) json, target.png$"):
+        decode_sample({k: v for k, v in raw.items() if k in ("__key__", "burst.npy")}, "w")
+    with pytest.raises(DataError, match=r"^w: sample train-000001-000007: unexpected member\(s\) depth.npy$"):
+        decode_sample({**raw, "depth.npy": b""}, "w")
+    with pytest.raises(DataError, match=r"^w: sample train-000001-000007: target.png declares 9x9 px, "
+                                        r"the manifest says 11x9$"):
+        decode_sample({**raw, "target.png": encode_png(np.zeros((9, 9, 3), np.uint8))}, "w")
+
+
+def test_unknown_member_through_verify_the_trainer_and_read_sample(ds):
+    name = "val-000001-000006.target.png"
+
+    def rename(info, b):
+        if info.name == name:
+            info.name = "val-000001-000006.depth.png"
+        return info, b
+
+    rewrite_shard(ds, "val-000001.tar", rename)
+    line = "val-000001-000006.depth.png is not a sample member (burst.npy, json, target.png)"
+    assert verify(ds) == f"val-000001.tar: {line}"
+    from trainer import data
+
+    with pytest.raises(DataError, match=rf"^shard \S+val-000001\.tar: {re.escape(line)}$"):
+        list(data.iter_samples(ds, "val"))
+    assert read_sample(ds, "val-000001-000005")["key"] == "val-000001-000005"  # read up to it: not reached
+    with pytest.raises(DataError, match=re.escape(line)):
+        read_sample(ds, "val-000001-000007")
+
+
+def test_inspect_refuses_a_bad_key_split_or_index_in_one_line(ds):
+    with pytest.raises(DataError, match=r"^sample val-000001-000099 is not in val-000001\.tar$"):
+        read_sample(ds, "val-000001-000099")
+    with pytest.raises(DataError, match="^bad sample key 'val-1-2'"):
+        read_sample(ds, "val-1-2")
+    with pytest.raises(FileNotFoundError, match=r"val-000007\.tar: no such shard"):
+        read_sample(ds, "val-000007-000030")
+    for args, text in ((("--key", "val-000001-000099"), "sample val-000001-000099 is not in val-000001.tar"),
+                       (("--split", "nope", "--index", "0"), f"{ds}: no split 'nope'")):
+        r = run("pipeline", "inspect", str(ds), *args, "--out", str(ds / "sheet.png"))
+        assert r.returncode == 2 and one_error_line(r).startswith(f"error: {text}"), r.stderr

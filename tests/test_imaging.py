@@ -1,16 +1,12 @@
 """Imaging pieces: gamma round trip, blur = direct convolution, noise variance matches its levels,
-the whole model against a plain float64 reference; and the sample encoders (pipeline/shards.py)
-against the stock readers."""
-
-import io
-import zlib
+the whole model against a plain float64 reference. (The sample encoders' tests live with them, in
+tests/test_format.py.)"""
 
 import numpy as np
 import pytest
-from PIL import Image
 from scipy.signal import convolve2d
 
-from pipeline import imaging, shards
+from pipeline import imaging
 
 
 @pytest.mark.parametrize("gamma", [1.5, 2.2, 2.5])
@@ -89,6 +85,29 @@ def test_noise_variance_matches_the_drawn_levels(shot, read, level, white):
     expected = white**2 * (shot**2 * level + read**2)  # the levels are std devs at white = 1
     assert (noisy - x).mean() == pytest.approx(0, abs=4 * np.sqrt(expected / x.size))
     assert (noisy - x).var() == pytest.approx(expected, rel=0.03)
+
+
+@pytest.mark.parametrize("shot,read", [(0.02, 0.01), (0.0, 0.03), (0.05, 0.0)])
+def test_noise_std_is_the_std_add_noise_draws(shot, read):
+    """imaging.noise_std (what the shard stats quote at mid grey) is add_noise's noise level."""
+    x = np.full((4, 3, 64, 64), imaging.MID_GREY, np.float32)
+    noisy = imaging.add_noise(x, shot, read, np.random.default_rng(2))
+    assert (noisy - x).std() == pytest.approx(imaging.noise_std(imaging.MID_GREY, shot, read), rel=0.02)
+    assert imaging.noise_std(0.5, 0.0, 0.0) == 0.0
+
+
+def test_sample_stats_summarize_the_sample_json():
+    """render.sample_stats, the per-sample lines of a shard's stats file, from the sample's json."""
+    from pipeline import kernels, render
+    from tests.conftest import tiny_config
+
+    sample = render.render_sample(tiny_config(), "train", 3)
+    p = sample["params"]
+    stats = render.sample_stats(p)
+    assert set(stats) == {"blur_px", "noise_std_mid_grey"}
+    assert stats["blur_px"] == pytest.approx(kernels.kernel_radius(sample["kernels"]).mean(), abs=1e-4)
+    assert stats["noise_std_mid_grey"] == pytest.approx(np.sqrt(p["shot_noise"] ** 2 * 0.18 + p["read_noise"] ** 2),
+                                                        abs=1e-6)
 
 
 def test_correlated_noise_keeps_variance_and_is_correlated_as_its_filter_says():
@@ -181,43 +200,3 @@ def test_degrade_is_deterministic_per_generator():
     c = imaging.degrade(*args, np.random.default_rng(2))
     assert a.tobytes() == b.tobytes() and a.tobytes() != c.tobytes()
 
-
-# ----------------------------------------------------------------------------- sample encoders
-
-
-@pytest.mark.parametrize("shape", [(160, 160, 3), (1, 1, 3), (7, 13, 3), (300, 301, 3)])
-@pytest.mark.parametrize("level", [0, 1])
-def test_png_is_read_back_exactly_by_pillow(shape, level):
-    img = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
-    data = shards.encode_png(img, level)
-    with Image.open(io.BytesIO(data)) as im:
-        assert im.format == "PNG" and im.mode == "RGB" and im.size == (shape[1], shape[0])
-        np.testing.assert_array_equal(np.asarray(im), img)
-    assert shards.encode_png(img.copy(), level) == data
-
-
-def test_stored_zlib_stream_round_trips_at_block_edges():
-    for n in (0, 1, 65535, 65536, 3 * 65535 + 7):
-        data = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8).tobytes()
-        assert zlib.decompress(shards._zlib_stored(memoryview(data))) == data
-
-
-def test_png_rejects_what_is_not_rgb8():
-    with pytest.raises(ValueError, match="uint8"):
-        shards.encode_png(np.zeros((4, 4), np.uint8))
-    with pytest.raises(ValueError, match="uint8"):
-        shards.encode_png(np.zeros((4, 4, 3), np.float32))
-
-
-@pytest.mark.parametrize("arr", [
-    np.arange(8 * 5 * 6 * 3, dtype=np.uint8).reshape(8, 5, 6, 3),
-    np.arange(24, dtype=np.float32).reshape(2, 3, 4)[:, ::2],  # not contiguous
-    np.asfortranarray(np.arange(12.0).reshape(3, 4)),
-    np.zeros((0, 3), np.int16), np.float64(2.5), np.arange(5, dtype=">i4"),
-])
-def test_npy_is_what_np_save_writes(arr):
-    buf = io.BytesIO()
-    np.save(buf, arr, allow_pickle=False)
-    data = shards.encode_npy(arr)
-    assert data == buf.getvalue()
-    np.testing.assert_array_equal(np.load(io.BytesIO(data), allow_pickle=False), arr)

@@ -9,8 +9,8 @@ from pipeline.kernels import build_kernels, kernel_radius, sample_kernel_params,
 
 def make(seed, cfg=KernelConfig(), frames=8, K=51, misalign=None):
     """misalign: None (registered frames) or an ImagingConfig."""
-    params = sample_kernel_params(np.random.default_rng(seed), cfg, frames, misalign)
-    return params, build_kernels(params, cfg, K)
+    params, draws = sample_kernel_params(np.random.default_rng(seed), cfg, frames, misalign)
+    return params, build_kernels(params, draws, cfg, K)
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -83,7 +83,7 @@ def test_outlier_frames_are_shifted_and_blurred_more_but_never_the_reference():
     shifts, outliers = {True: [], False: []}, 0
     for seed in range(40):
         params, _ = make(seed, misalign=im, frames=8)
-        plain = sample_kernel_params(np.random.default_rng(seed), KernelConfig(), 8, None)
+        plain, _ = sample_kernel_params(np.random.default_rng(seed), KernelConfig(), 8, None)
         assert params["outlier"][0] is False
         for f, is_out in enumerate(params["outlier"]):
             shifts[is_out].append(np.abs(params["shift"][f]).max())
@@ -101,9 +101,9 @@ def test_large_shifts_never_push_mass_out_of_the_kernel(K):
     cfg = KernelConfig(scale_max=2.0)
     y, x = np.mgrid[:K, :K]
     for seed in range(20):
-        params = sample_kernel_params(np.random.default_rng(seed), cfg, 6, None)
+        params, draws = sample_kernel_params(np.random.default_rng(seed), cfg, 6, None)
         params["shift"] = (np.random.default_rng(seed).normal(0, K / 3, (6, 2))).tolist()  # far too large
-        k, _, fit = build_kernels(params, cfg, K)
+        k, _, fit = build_kernels(params, draws, cfg, K)
         assert np.isfinite(k).all() and (k >= 0).all()
         np.testing.assert_allclose(k.sum(axis=(1, 2)), 1.0, atol=1e-5)
         assert k[:, 0].sum() == 0 and k[:, -1].sum() == 0 and k[:, :, 0].sum() == 0 and k[:, :, -1].sum() == 0
@@ -113,8 +113,56 @@ def test_large_shifts_never_push_mass_out_of_the_kernel(K):
         np.testing.assert_allclose((k * y).sum(axis=(1, 2)) - K // 2, want[:, 1], atol=1e-3)
 
 
+def test_params_hold_json_values_and_the_raw_draws_are_apart():
+    """sample_kernel_params' params go to the sample's json as they are; the raw arrays, drawn
+    last from the stream, come apart as ShakeDraws (standard normal, float64)."""
+    import json
+
+    from pipeline.kernels import ShakeDraws
+
+    cfg = KernelConfig()
+    rng = np.random.default_rng(6)
+    params, draws = sample_kernel_params(rng, cfg, 5, ImagingConfig())
+    assert json.loads(json.dumps(params)) == params
+    assert isinstance(draws, ShakeDraws)
+    assert draws.accel.shape == (5, cfg.steps, 2) and draws.v0.shape == (5, 2)
+    assert draws.jitter.shape == (5, cfg.steps, cfg.jitter_points, 2)
+    assert all(a.dtype == np.float64 for a in (draws.accel, draws.v0, draws.jitter))
+    after = rng.standard_normal()  # the stream goes on after the draws
+    rng = np.random.default_rng(6)
+    again, redrawn = sample_kernel_params(rng, cfg, 5, ImagingConfig())
+    assert again == params and np.array_equal(redrawn.jitter, draws.jitter) and rng.standard_normal() == after
+
+
+def test_render_params_are_json_only():
+    """render.sample_params: every value of params is plain JSON (the sample's json holds them
+    all); nothing starting with "_" is left to filter out."""
+    import json
+
+    from pipeline import render
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config()
+    params, draws = render.sample_params(np.random.default_rng(1), cfg)
+    assert json.loads(json.dumps(params)) == params and not any(k.startswith("_") for k in params)
+    assert {"gamma", "shot_noise", "read_noise", "blur_scale", "shift"} <= set(params)
+    assert draws.accel.shape[0] == cfg.dataset.frames
+
+
 def test_same_generator_state_same_kernels():
     _, (a, _, _) = make(11)
     _, (b, _, _) = make(11)
     _, (c, _, _) = make(12)
     assert a.tobytes() == b.tobytes() and a.tobytes() != c.tobytes()
+
+
+def test_loguniform_is_log_uniform_and_uniform_from_zero():
+    """pipeline.distributions.loguniform, shared by the kernel and the noise samplers."""
+    from pipeline.distributions import loguniform
+
+    x = loguniform(np.random.default_rng(0), 0.01, 1.0, 20000)
+    assert x.min() >= 0.01 and x.max() <= 1.0
+    assert np.mean(x < 0.1) == pytest.approx(0.5, abs=0.02)  # each decade holds half
+    z = loguniform(np.random.default_rng(0), 0.0, 1.0, 20000)
+    assert np.mean(z < 0.5) == pytest.approx(0.5, abs=0.02)
+    assert isinstance(float(loguniform(np.random.default_rng(0), 0.1, 1.0)), float)

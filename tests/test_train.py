@@ -215,6 +215,28 @@ def test_resumed_run_must_beat_the_psnr_of_best_pt(tmp_path, capsys):
     assert "best.pt: not a burst-deblur checkpoint" in capsys.readouterr().out
 
 
+def test_loss_monitor_means_the_interval_and_names_the_first_bad_step(tmp_path):
+    losses = train_mod.LossMonitor(torch.device("cpu"), steps=10, world=1)
+    for step, value in enumerate([1.0, 2.0, 3.0]):
+        losses.add(torch.tensor(value), step)
+    assert losses.check(tmp_path / "last.pt") == 2.0
+    losses.reset()
+    for step, value in ((3, 4.0), (4, math.inf), (5, math.nan)):
+        losses.add(torch.tensor(value), step)
+    with pytest.raises(train_mod.TrainingDiverged,
+                       match=r"loss is inf at step 4; stopped \(no checkpoint was written yet\)"):
+        losses.check(tmp_path / "last.pt")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_is_one_error_line_naming_train_device(tiny_shards, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli(["--out", str(out)] + tiny_sets(tiny_shards, device="cuda")) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: train.device = 'cuda' but no CUDA device is available"]
+    assert not out.exists()
+
+
 def test_ddp_two_cpu_processes_read_disjoint_shards_and_agree(tiny_shards, tmp_path):
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))

@@ -7,6 +7,10 @@ unpickled, and every way a file can be wrong (missing, empty, truncated, not a t
 by weights_only, without the keys its use needs) becomes one ``CheckpointError`` line naming the
 file and what is wrong. The CLIs print it as ``error: ...`` and exit non-zero.
 
+``read_config`` (the resolved config alone) and ``peek`` (the small entries: step, best PSNR)
+apply the same policy through the same ``torch.load``, with ``mmap=True``: the file is mapped and
+its tensors (weights, optimizer state) are never read, only the pickled structure is.
+
 Writes go to a temporary file in the same folder and are renamed over the target, so a crash never
 leaves a half-written checkpoint (or config, or summary) where the complete one was.
 """
@@ -21,7 +25,7 @@ from typing import Iterable
 
 import torch
 
-from pipeline.config import one_line
+from common.errors import UserError, one_line
 
 INFERENCE_KEYS = ("model", "config")  # what trainer.model.load needs
 TRAINING_KEYS = ("model", "optimizer", "step", "config")  # what --resume needs
@@ -29,7 +33,7 @@ TRAINING_KEYS = ("model", "optimizer", "step", "config")  # what --resume needs
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive (torch >= 1.6)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A file that cannot be used as a checkpoint; the message is one line naming it and why."""
 
     def __init__(self, path: str | Path, reason: str):
@@ -90,6 +94,30 @@ def _check_keys(path: Path, ckpt: dict, require: Iterable[str]) -> None:
             raise CheckpointError(path, f"no '{key}'")
 
 
+def _load(path: str | Path, require: Iterable[str], lazy: bool) -> dict:
+    """The one torch.load of a checkpoint, and every check of the file (see load_checkpoint).
+    ``lazy``: memory-map the file, so that its tensors are not read (torch.load's mmap=True, which
+    only zip files allow; a legacy file is read whole)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(path, "no such file" if not path.exists() else "not a file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(path, "empty file, 0 bytes")
+    if lazy:
+        with open(path, "rb") as f:
+            lazy = f.read(4) == _ZIP_MAGIC
+    try:
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error line says it all
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=lazy)
+    except Exception as e:  # torch raises many types here (zip, pickle, weights_only, EOF, KeyError)
+        raise CheckpointError(path, _load_failure(path, e)) from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(path, f"holds a {type(ckpt).__name__}, not a dict with 'model' and 'config'")
+    _check_keys(path, ckpt, require)
+    return ckpt
+
+
 def load_checkpoint(path: str | Path, require: Iterable[str] = INFERENCE_KEYS) -> dict:
     """The dict saved in checkpoint ``path``, on the CPU, loaded with ``weights_only=True``.
 
@@ -99,18 +127,19 @@ def load_checkpoint(path: str | Path, require: Iterable[str] = INFERENCE_KEYS) -
     empty, truncated or foreign file, one weights_only refuses, or one without those keys.
     Tensors stay on the CPU (optimizer state included) until the caller moves them.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(path, "no such file" if not path.exists() else "not a file")
-    if path.stat().st_size == 0:
-        raise CheckpointError(path, "empty file, 0 bytes")
-    try:
-        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error line says it all
-            warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types here (zip, pickle, weights_only, EOF, KeyError)
-        raise CheckpointError(path, _load_failure(path, e)) from None
-    if not isinstance(ckpt, dict):
-        raise CheckpointError(path, f"holds a {type(ckpt).__name__}, not a dict with 'model' and 'config'")
-    _check_keys(path, ckpt, require)
-    return ckpt
+    return _load(path, require, lazy=False)
+
+
+def peek(path: str | Path, require: Iterable[str] = INFERENCE_KEYS) -> dict:
+    """The dict saved in checkpoint ``path`` with its tensors memory-mapped, not read: for the
+    small entries ("step", "best_val_psnr", "config"). The same checks and errors as
+    ``load_checkpoint`` (``require`` included); do not keep the tensors (they map the file)."""
+    return _load(path, require, lazy=True)
+
+
+def read_config(path: str | Path, require: Iterable[str] = INFERENCE_KEYS) -> dict:
+    """The resolved config (a plain dict, as ``trainer.config.to_dict`` wrote it) saved in
+    checkpoint ``path``, without reading its weights or optimizer state. ``require``: checked as
+    ``load_checkpoint`` does, so that e.g. ``--resume`` (TRAINING_KEYS) refuses a last.pt it could
+    not continue before anything else is done. Raises CheckpointError."""
+    return peek(path, require)["config"]

@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ConfigError, check, load_config
+from common.config import SPLIT_NAME, ConfigError, check, load_config
 from trainer.model import ModelConfig
 
-SPLIT_NAME = re.compile(r"[a-z0-9_]+")
 
 
 @dataclass
@@ -50,7 +49,7 @@ class TrainSection:
     image_samples: int = 4  # rows of the image grid (first validation samples)
     num_workers: int = 2  # DataLoader worker processes per rank (0 = read in the main process)
     shuffle_buffer: int = 64  # samples held by each reader's shuffle buffer
-    device: str = "auto"  # "auto" (cuda if available) | "cpu" | "cuda"
+    device: str = "auto"  # "auto" (cuda if available) | "cpu" | "cuda" | "cuda:N" (trainer/device.py)
     threads: int = 0  # PyTorch CPU threads of this process; 0 = PyTorch's default (one per core)
     amp: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "bf16" | "off"
     channels_last: str = "auto"  # "auto" (on with CUDA) | "on" | "off"
@@ -80,7 +79,8 @@ class TrainSection:
         check(self.image_samples >= 1, f"train.image_samples must be >= 1, got {self.image_samples}")
         check(self.threads >= 0, f"train.threads must be >= 0 (0 = PyTorch's default), got {self.threads}")
         check(self.num_workers >= 0, f"train.num_workers must be >= 0, got {self.num_workers}")
-        check(self.device in ("auto", "cpu", "cuda"), f"train.device must be 'auto', 'cpu' or 'cuda', got '{self.device}'")
+        check(self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device) is not None,
+              f"train.device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got '{self.device}'")
         check(self.amp in ("auto", "bf16", "off"), f"train.amp must be 'auto', 'bf16' or 'off', got '{self.amp}'")
         check(self.channels_last in ("auto", "on", "off"),
               f"train.channels_last must be 'auto', 'on' or 'off', got '{self.channels_last}'")

@@ -3,11 +3,13 @@
 A dataset folder (written by ``python -m pipeline render``) holds ``manifest.json`` and tars
 ``<split>-NNNNNN.tar``; one sample is the tar members ``<key>.burst.npy`` (uint8 (N, H, W, 3)
 sRGB), ``<key>.target.png`` (uint8 (H, W, 3) sRGB) and ``<key>.json`` (the sampled parameters).
-Tars are read with webdataset's tar iterator and decoded by pipeline.format's checked decoders
-(shapes and sizes against the manifest before anything is allocated, Pillow's decompression-bomb
-limit kept): nothing is ever unpickled (webdataset's default decoders would unpickle .pyd/.pth).
-Every read of a shard (training, validation, evaluation) first checks its size and sha256 against
-the manifest (``read_shard``), so a flipped byte inside a burst is a bad shard, not silent noise.
+The format is pipeline.format's: the manifest is read by its ``read_manifest``, tars by its
+``iter_shard`` (streamed with tarfile, regular members of the shard's own keys only) and samples
+decoded by its ``decode_sample`` (shapes and sizes against the manifest before anything is
+allocated, Pillow's decompression-bomb limit kept): nothing is ever unpickled. Every read of a
+shard (training, validation, evaluation) first checks its size and sha256 against the manifest
+(``split_shards``, ``read_shard``), so a flipped byte inside a burst is a bad shard, not silent
+noise. (webdataset's public ``WebDataset`` reads the same tars; the trainer does not need it.)
 
 The training stream is a pure function of (seed, rank, step), so a resumed run sees exactly the
 batches it would have seen, and every DDP rank runs the same number of steps:
@@ -41,30 +43,21 @@ Bursts stay uint8 (B, n, crop, crop, 3) on the way to the device (targets are ui
 from __future__ import annotations
 
 import sys
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
-from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from pipeline import inspect as pipeline_inspect
-from pipeline.format import DataError, decode_json, decode_npy, decode_png, sha256_file
-from pipeline.config import ConfigError, one_line
+from common.config import ConfigError
+from pipeline import format as fmt
+from pipeline.format import DataError, Manifest, read_manifest
 
-MANIFEST = "manifest.json"
-MEMBERS = ("burst.npy", "target.png", "json")  # the suffixes every sample must have
 ROUND_MIN_SAMPLES = 512  # a round emits at least this many samples and 8 shuffle buffers' worth
 
 # tags that keep the seed sequences of the different random streams apart
 _TAG_ROUND, _TAG_LENGTH, _TAG_AUGMENT = 0x5EED01, 0x5EED02, 0x5EED03
-
-
-def _one_line(e: BaseException) -> str:
-    # webdataset appends " @ <file object>" to the messages of the exceptions it re-raises
-    return one_line(e).split(" @ ")[0] or type(e).__name__
 
 
 def _warn(message: str) -> None:
@@ -89,48 +82,25 @@ class Shard:
         return self.path.name
 
 
-def read_manifest(data_dir: str | Path) -> dict:
-    """The parsed ``manifest.json`` of a dataset folder (``pipeline.inspect.read_manifest``, the
-    contract's one reader). Raises FileNotFoundError or DataError with a one-line message."""
-    try:
-        return pipeline_inspect.read_manifest(data_dir)
-    except FileNotFoundError:
-        raise
-    except ValueError as e:
-        raise DataError(str(e)) from None
-
-
-def stored_shape(manifest: dict) -> tuple[int, int]:
+def stored_shape(manifest: Manifest) -> tuple[int, int]:
     """(frames, size) stored per sample: bursts are uint8 (frames, size, size, 3)."""
-    dataset = manifest.get("config", {}).get("dataset", {})
-    try:
-        return int(manifest.get("frames", dataset["frames"])), int(manifest.get("size", dataset["size"]))
-    except (KeyError, TypeError, ValueError):
-        raise DataError("manifest.json: no dataset frames/size") from None
+    return manifest.frames, manifest.size
 
 
-def split_shards(data_dir: str | Path, manifest: dict, split: str, on_bad_shard: str = "error") -> list[Shard]:
+def split_shards(data_dir: str | Path, manifest: Manifest, split: str, on_bad_shard: str = "error") -> list[Shard]:
     """The shards of ``split`` in key order, each checked to exist with the size the manifest lists.
 
-    A missing or wrong-size file raises DataError naming it, or with ``on_bad_shard="skip"`` is
-    left out with a warning (the caller sees fewer shards).
+    An unknown split raises DataError. A missing or wrong-size file raises DataError naming it,
+    or with ``on_bad_shard="skip"`` is left out with a warning (the caller sees fewer shards).
     """
     data_dir = Path(data_dir)
-    if split not in manifest["splits"]:
-        raise DataError(f"{data_dir}: no split '{split}' (has: {', '.join(sorted(manifest['splits']))})")
-    try:
-        entries = sorted(manifest["splits"][split]["shards"], key=lambda s: s["file"])
-        listed = [(str(e["file"]), int(e["samples"]), int(e["bytes"]), e.get("sha256")) for e in entries]
-    except (KeyError, TypeError, ValueError, AttributeError):
-        raise DataError(f"{data_dir / MANIFEST}: split '{split}' has no valid shard list") from None
-    shards, first = [], 0
-    for file, samples, size, sha256 in listed:
-        shard = Shard(data_dir / file, samples, size, first, str(sha256) if sha256 else None)
-        first += samples
+    shards = []
+    for entry in manifest.shards(split):
+        shard = Shard(data_dir / entry.file, entry.samples, entry.bytes, entry.first, entry.sha256)
         if not shard.path.is_file():
             problem = f"shard {shard.path}: file missing"
-        elif shard.path.stat().st_size != size:
-            problem = f"shard {shard.path}: {shard.path.stat().st_size} bytes, the manifest lists {size} (truncated or replaced)"
+        elif (size := shard.path.stat().st_size) != shard.bytes:
+            problem = f"shard {shard.path}: {size} bytes, the manifest lists {shard.bytes} (truncated or replaced)"
         else:
             shards.append(shard)
             continue
@@ -142,13 +112,13 @@ def split_shards(data_dir: str | Path, manifest: dict, split: str, on_bad_shard:
     return shards
 
 
-def check_against_manifest(cfg, manifest: dict) -> None:
+def check_against_manifest(cfg, manifest: Manifest) -> None:
     """Rules of a TrainConfig that need the dataset; ConfigError naming the key, before any work."""
     t = cfg.train
     for key in ("train", "val"):
         split = getattr(cfg.data, key)
-        if split not in manifest["splits"]:
-            raise ConfigError(f"data.{key}: the dataset has no split '{split}' (has: {', '.join(sorted(manifest['splits']))})")
+        if split not in manifest.splits:
+            raise ConfigError(f"data.{key}: the dataset has no split '{split}' (has: {', '.join(sorted(manifest.splits))})")
     frames, size = stored_shape(manifest)
     if t.crop > size:
         raise ConfigError(f"train.crop ({t.crop}) is larger than the stored size ({size} px)")
@@ -156,7 +126,7 @@ def check_against_manifest(cfg, manifest: dict) -> None:
         raise ConfigError(f"train.max_frames ({t.max_frames}) is more than the stored frames ({frames})")
     if max(t.val_frames) > frames:
         raise ConfigError(f"train.val_frames {t.val_frames} asks for more than the stored frames ({frames})")
-    val_count = int(manifest["splits"][cfg.data.val].get("samples", 0))
+    val_count = manifest.split(cfg.data.val).samples
     if t.val_samples > val_count:
         raise ConfigError(f"train.val_samples ({t.val_samples}) is more than split '{cfg.data.val}' holds ({val_count})")
 
@@ -165,61 +135,36 @@ def check_against_manifest(cfg, manifest: dict) -> None:
 
 
 def read_shard(shard: Shard) -> Iterator[dict]:
-    """Raw samples of one tar in stored order: {"__key__": str, "burst.npy": bytes, ...}.
+    """Raw samples of one tar in stored order: {"__key__": str, "burst.npy": bytes, ...}
+    (``pipeline.format.iter_shard``; messages start with ``shard <path>``).
 
     Raises DataError naming the shard, before yielding anything, when its sha256 differs from the
-    manifest's; and, mid-shard, when the tar is unreadable or holds a number of samples other
-    than the manifest lists (tarfile ends silently at a corrupt header mid-file).
+    manifest's; and, mid-shard, when the tar is unreadable, holds a member that is not a regular
+    file or not a member of this shard's samples, or holds a number of samples other than the
+    manifest lists (tarfile ends silently at a corrupt header mid-file).
     """
     # The whole file is hashed before its first sample is yielded: a sample already handed to the
     # training loop cannot be recalled, so a shard found corrupt only at its end (hashing the bytes
     # as the tar is read) would have trained on its bad samples, and skip mode would count as
-    # skipped a shard that was used. Measured on a 90 MB shard in the page cache (busy 2-core CPU,
-    # bench/bench_shard_hash.py): sha256 ~80 ms (1.6 ms per sample), reading its tar 80-130 ms,
-    # reading + decoding ~170-200 ms; hashing first (one more pass, from the page cache) and hashing
-    # while streaming both cost 150-220 ms, equal within the noise (file_digest's C loop makes up
-    # for the second pass). It runs in the DataLoader workers, off the training loop's thread.
-    if shard.sha256 is not None:
-        try:
-            digest = sha256_file(shard.path)
-        except OSError as e:
-            raise DataError(f"shard {shard.path}: unreadable ({_one_line(e)})") from None
-        if digest != shard.sha256:
-            raise DataError(f"shard {shard.path}: sha256 differs from the manifest (corrupted or replaced)")
-
-    def files(f):
-        for item in tar_file_iterator(f):
-            item["__url__"] = str(shard.path)  # group_by_keys wants it
-            yield item
-
-    count = 0
-    try:
-        with open(shard.path, "rb") as f:
-            for sample in group_by_keys(files(f)):
-                count += 1
-                yield sample
-    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
-        raise DataError(f"shard {shard.path}: unreadable tar after {count} samples ({_one_line(e)})") from None
-    if count != shard.samples:
-        raise DataError(f"shard {shard.path}: holds {count} samples, the manifest lists {shard.samples} (corrupt tar)")
+    # skipped a shard that was used. Measured on a 100 MB shard in the page cache (busy 2-core CPU,
+    # bench/bench_shard_hash.py, pipeline.format.iter_shard reading with tarfile "r:"): sha256
+    # ~75 ms (1.3 ms per sample), reading its tar ~25 ms, reading + decoding ~65 ms; hashing first
+    # (one more pass, from the page cache) ~100 ms against ~80 ms hashing while reading, 20 ms per
+    # shard for the guarantee. It runs in the DataLoader workers, off the training loop's thread.
+    return fmt.iter_shard(shard.path, label=f"shard {shard.path}", sha256=shard.sha256, samples=shard.samples,
+                          first=shard.first)
 
 
 def decode_sample(raw: dict, shard: Shard, frames: int | None = None, size: int | None = None) -> dict:
     """Decode one raw sample -> {"key", "burst": uint8 (N,H,W,3) sRGB, "target": uint8 (H,W,3) sRGB, "meta": dict}.
 
-    Checks members, dtypes and shapes (N == frames and H == W == size when given) with
-    pipeline.format's decoders, before allocating; raises DataError naming the shard and key.
-    Never unpickles.
+    ``pipeline.format.decode_sample``: exactly the members, dtypes and shapes (N == frames and
+    H == W == size when given) checked before allocating; raises DataError naming the shard and
+    key. Never unpickles. "meta" holds the sampled parameters (the json member).
     """
-    key = raw.get("__key__", "?")
-    where = f"shard {shard.path}: sample {key}"
-    missing = [m for m in MEMBERS if m not in raw]
-    if missing:
-        raise DataError(f"{where}: missing member(s) {', '.join(missing)}")
-    burst = decode_npy(raw["burst.npy"], f"{where}: burst.npy", (frames, size, size, 3), np.uint8)
-    target = decode_png(raw["target.png"], f"{where}: target.png", (burst.shape[2], burst.shape[1]))
-    meta = decode_json(raw["json"], f"{where}: json")
-    return {"key": key, "burst": burst, "target": target, "meta": meta}
+    sample = fmt.decode_sample(raw, f"shard {shard.path}", frames, size)
+    sample["meta"] = sample.pop("params")
+    return sample
 
 
 def iter_samples(data_dir: str | Path, split: str) -> Iterator[dict]:

@@ -40,9 +40,8 @@ import torch
 from tqdm import tqdm
 
 from trainer import baselines
-from trainer.data import (frame_shifts, geometry_target, iter_samples, read_manifest, reference_subset,
-                          split_shards, stored_shape)
-from trainer.deblur import resolve_device
+from trainer.data import frame_shifts, geometry_target, iter_samples, read_manifest, reference_subset, split_shards
+from trainer.device import burst_to_input, resolve_device
 from trainer.metrics import psnr, ssim
 
 METHODS = ("model", "fba", "mean", "first", "best")
@@ -92,7 +91,7 @@ def _write_text(path: Path, text: str) -> None:
 @torch.no_grad()
 def run_model(model: torch.nn.Module, bursts: np.ndarray, device: torch.device) -> np.ndarray:
     """bursts uint8 (B, N, H, W, 3) sRGB -> float64 (B, H, W, 3) in [0, 1] (model output clipped)."""
-    x = torch.from_numpy(bursts).to(device).permute(0, 1, 4, 2, 3).float().div_(255)
+    x = burst_to_input(torch.from_numpy(bursts), device)
     out = model(x).float().clamp_(0, 1)
     return out.permute(0, 2, 3, 1).double().cpu().numpy()
 
@@ -110,7 +109,7 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path, split: str = "test", 
     checkpoint, data_dir = Path(checkpoint), Path(data_dir)
     manifest = read_manifest(data_dir)
     split_shards(data_dir, manifest, split)  # missing split / shards: fail now, not mid-run
-    stored, size = stored_shape(manifest)
+    stored, size = manifest.frames, manifest.size
     lengths = list(range(1, min(8, stored) + 1)) if frames is None else sorted(set(frames))
     bad = [n for n in lengths if not 1 <= n <= stored]
     if bad:
@@ -122,8 +121,8 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path, split: str = "test", 
     model = load(checkpoint, dev)
     geometry = model.cfg.geometry  # where its output sits for misaligned frames: the targets follow
     out_dir.mkdir(parents=True, exist_ok=True)
-    total = int(manifest["splits"][split].get("samples", 0)) or None
-    dataset = manifest.get("config", {}).get("dataset", {}).get("name", data_dir.name)
+    total = manifest.split(split).samples
+    dataset = manifest.name
 
     rows: list[dict] = []  # key, method, frames, subset, psnr, ssim, order
     shown: list[dict] = []  # example images, at the largest N
@@ -170,7 +169,7 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path, split: str = "test", 
     summary = summarize(rows, lengths)
     summary.update({"checkpoint": str(checkpoint), "data": str(data_dir), "dataset": dataset, "split": split,
                     "seed": seed, "device": str(dev), "stored_frames": stored, "size": size,
-                    "config_hash": manifest.get("config_hash")})
+                    "config_hash": manifest.config_hash})
     write_csv(rows, out_dir / "metrics.csv")
     _write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     title = f"{dataset}/{split} ({summary['samples']} samples), checkpoint {checkpoint.parent.name}/{checkpoint.name}"

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils.parametrizations import weight_norm
 
-from pipeline.config import ConfigError, check, from_dict
+from common.config import ConfigError, check, from_dict
 from trainer.checkpoint import INFERENCE_KEYS, CheckpointError, load_checkpoint
 
 

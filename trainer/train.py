@@ -4,7 +4,15 @@ Reads top to bottom like nanoGPT's: set up (devices, DDP, data, model, optimizer
 loop over steps — lr from a pure function of the step, forward, loss, backward, clip, optimizer
 step, log, validate every val_every steps, checkpoint every ckpt_every steps — and stop at
 train.steps. Losses stay on the device; the host waits for them (and checks for NaN/inf) only at
-log, validation and checkpoint steps, so ordinary steps queue work without a sync. It counts steps, not epochs: the stream of batches is endless and resampled.
+log, validation and checkpoint steps, so ordinary steps queue work without a sync. It counts steps,
+not epochs: the stream of batches is endless and resampled.
+
+The state is in small objects passed explicitly: ``Run`` (where and how this process trains,
+fixed), ``Progress`` (step, best PSNR, latest validation: what checkpoints record),
+``LossMonitor`` (the on-device losses and the NaN check), ``Throughput`` and ``Reads`` (what the
+log lines and the summary report). Setup, logging, validation, checkpoints and the summary are
+named functions of them (``build_training``, ``restore``, ``open_batches``, ``open_validation``,
+``log_training``, ``validation_step``, ``save_checkpoint``, ``save_last``, ``finish``).
 
 Exact resume: batch s of rank r is a pure function of (seed, r, s) (see trainer/data.py), the lr
 a pure function of s, and nothing in the loop draws from a random state, so ``--resume`` from the
@@ -32,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -39,18 +48,21 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from pipeline.config import ConfigError, one_line
+from common.config import ConfigError
+from common.errors import one_line
 from trainer import data as data_mod
 from trainer.baselines import mean_frames
 from pipeline.format import atomic_write_bytes
-from trainer.checkpoint import TRAINING_KEYS, CheckpointError, load_checkpoint, save_atomic
+from trainer.checkpoint import TRAINING_KEYS, CheckpointError, load_checkpoint, peek, read_config, save_atomic
 from trainer.config import TrainConfig, TrainSection, load_train_config, to_dict, to_toml
+from trainer.device import burst_to_input, image_to_target, resolve_device
 from trainer.losses import burst_loss
 from trainer.metrics import psnr, psnr_batch
 from trainer.model import build_model
@@ -74,7 +86,7 @@ def lr_at(step: int, t: TrainSection) -> float:
     return t.lr * warm * t.lr_decay**step
 
 
-# ----------------------------------------------------------------------------- setup helpers
+# ----------------------------------------------------------------------------- helpers
 
 
 def setup_distributed(device_kind: str) -> tuple[int, int, int]:
@@ -89,20 +101,12 @@ def setup_distributed(device_kind: str) -> tuple[int, int, int]:
     return rank, world, local_rank
 
 
-def resolve_device(t: TrainSection) -> str:
-    if t.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device = 'cuda' but no CUDA device is available")
-    if t.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return t.device
-
-
 def to_device(batch: dict, device: torch.device, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 burst (B, n, H, W, 3) and target (B, H, W, 3) -> float on ``device`` in [0, 1]:
     burst (B, n, 3, H, W), target (B, 3, H, W). The conversion runs on the device."""
-    burst = batch["burst"].to(device, non_blocking=True).permute(0, 1, 4, 2, 3).float().div_(255)
+    burst = burst_to_input(batch["burst"], device, non_blocking=True)
     # not in place: a float target (moved to the frames' mean geometry) may be the caller's array
-    target = batch["target"].to(device, non_blocking=True).permute(0, 3, 1, 2).float() / 255
+    target = image_to_target(batch["target"], device, non_blocking=True)
     if not channels_last:  # the permuted views are channels-last in memory already
         burst, target = burst.contiguous(), target.contiguous()
     return burst, target
@@ -129,7 +133,7 @@ def best_bar(out_dir: Path, ckpt: dict, log) -> float:
     if not path.exists():
         return bar
     try:
-        return max(bar, float(load_checkpoint(path).get("best_val_psnr", -math.inf)))
+        return max(bar, float(peek(path).get("best_val_psnr", -math.inf)))
     except (CheckpointError, TypeError, ValueError) as e:
         if int(os.environ.get("RANK", "0")) == 0:
             log(f"warning: {one_line(e)}; the next validation replaces it")
@@ -207,6 +211,334 @@ def image_grid(val: dict, outputs: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat(rows, dim=1)
 
 
+# ----------------------------------------------------------------------------- the run's state
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """Where and how this process trains: fixed once set up."""
+
+    cfg: TrainConfig
+    out_dir: Path
+    manifest: Mapping  # the dataset's manifest (its config hash goes into every checkpoint)
+    rank: int
+    world: int
+    device: torch.device
+    bf16: bool  # bf16 autocast for forward passes
+    channels_last: bool
+    log: Callable[[str], None]
+
+    @property
+    def master(self) -> bool:
+        """Rank 0: the only one that validates and writes the run folder."""
+        return self.rank == 0
+
+    def say(self, message: str) -> None:
+        if self.master:
+            self.log(message)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+
+
+@dataclasses.dataclass
+class Progress:
+    """What the loop advances and every checkpoint records."""
+
+    step: int = 0  # updates done
+    best_psnr: float = -math.inf  # best mean validation PSNR (the bar best.pt must beat)
+    last_val: dict = dataclasses.field(default_factory=dict)  # {n: {"loss", "psnr"}} of the latest validation
+    validations: int = 0  # validations of this process (image grids every image_every of them)
+
+
+class LossMonitor:
+    """Training losses kept on the device between checks, so ordinary steps need no host sync.
+
+    ``add`` records a step's loss with device ops only (its sum, and the first step whose loss is
+    not finite); ``check`` is the sync point; ``reset`` starts the next log interval."""
+
+    def __init__(self, device: torch.device, steps: int, world: int):
+        self.steps, self.world = steps, world
+        self.total = torch.zeros((), device=device)  # sum of this rank's losses since the last reset
+        self.first_bad = torch.full((), steps, device=device)  # first step with a NaN/inf loss (steps: none)
+        self.bad_loss = torch.zeros((), device=device)  # that loss
+        self.count = 0  # steps since the last reset
+
+    def add(self, value: torch.Tensor, step: int) -> None:
+        newly_bad = ~torch.isfinite(value) & (self.first_bad == self.steps)
+        self.first_bad.masked_fill_(newly_bad, step)
+        self.bad_loss.copy_(torch.where(newly_bad, value, self.bad_loss))
+        self.total.add_(value)
+        self.count += 1
+
+    def check(self, last_pt: Path) -> float:
+        """On every rank at the same steps: the mean loss over ranks of the steps since the last
+        reset; raises TrainingDiverged naming the first step whose loss was not finite. Called
+        before any validation or checkpoint, so a diverged model is never saved."""
+        bad_step = self.first_bad.clone()
+        if self.world > 1:
+            dist.all_reduce(bad_step, op=dist.ReduceOp.MIN)
+        if bad_step.item() < self.steps:
+            value = torch.where(self.first_bad == bad_step, self.bad_loss, torch.zeros_like(self.bad_loss))
+            if self.world > 1:
+                dist.all_reduce(value)
+            where = f"the last good checkpoint is {last_pt}" if last_pt.exists() else "no checkpoint was written yet"
+            raise TrainingDiverged(f"loss is {value.item()} at step {bad_step.item()}; stopped ({where})")
+        total = self.total.clone()
+        if self.world > 1:
+            dist.all_reduce(total)
+        return total.item() / self.world / max(self.count, 1)
+
+    def reset(self) -> None:
+        self.total.zero_()
+        self.count = 0
+
+
+class Throughput:
+    """Training samples per second since the last log line (time spent validating and saving
+    excluded) and the time left."""
+
+    def __init__(self, start_step: int):
+        self.start_step = start_step
+        self.t_start = self.t_log = time.time()
+        self.samples = 0  # over all ranks, since the last restart
+
+    def count(self, samples: int) -> None:
+        self.samples += samples
+
+    def rate(self, now: float) -> float:
+        return self.samples / max(now - self.t_log, 1e-9)
+
+    def eta(self, now: float, step: int, steps: int) -> float:
+        return (now - self.t_start) / (step - self.start_step) * (steps - step)
+
+    def restart(self) -> None:
+        """After a log line: count afresh."""
+        self.samples = 0
+        self.t_log = time.time()
+
+    def exclude(self) -> None:
+        """After a validation or a checkpoint: that time is not training throughput."""
+        self.t_log = time.time()
+
+
+class Reads:
+    """The shards this rank read and the readers' (cumulative) skip counts."""
+
+    def __init__(self):
+        self.shards: set[str] = set()
+        self.skipped: dict[int, tuple[int, int]] = {}  # reader -> (shards, samples) skipped so far
+
+    def add(self, batch: dict) -> None:
+        self.shards.update(batch["shards"])
+        self.skipped[batch["reader"]] = (batch["skipped_shards"], batch["skipped_samples"])
+
+    def skipped_totals(self) -> tuple[int, int]:
+        return sum(s for s, _ in self.skipped.values()), sum(s for _, s in self.skipped.values())
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def make_run(cfg: TrainConfig, out_dir: Path, manifest: Mapping, device: torch.device, rank: int, world: int,
+             local_rank: int, log) -> Run:
+    """The Run of this process: on CUDA, rank r of a DDP run uses cuda:<local rank>."""
+    t = cfg.train
+    kind = device.type
+    if kind == "cuda":
+        device = torch.device("cuda", local_rank if world > 1 else (device.index or 0))
+    return Run(cfg=cfg, out_dir=out_dir, manifest=manifest, rank=rank, world=world, device=device,
+               bf16=t.amp == "bf16" or (t.amp == "auto" and kind == "cuda"),
+               channels_last=t.channels_last == "on" or (t.channels_last == "auto" and kind == "cuda"),
+               log=log)
+
+
+def build_training(run: Run) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The model (the same init on every rank; DDP broadcasts rank 0's anyway), on the run's
+    device, and its optimizer."""
+    t = run.cfg.train
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(t.seed)
+        model = build_model(run.cfg.model)
+    model.to(run.device)
+    if run.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer_cls = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam}[t.optimizer]
+    return model, optimizer_cls(model.parameters(), lr=t.lr)
+
+
+def restore(run: Run, ckpt: dict | None, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Progress:
+    """Load a resumed run's state into ``model`` and ``optimizer``; its Progress (a fresh one
+    without ``ckpt``). CheckpointError when the state does not fit the model."""
+    if ckpt is None:
+        return Progress()
+    t = run.cfg.train
+    try:  # the model config was compared already: a state that does not fit is a damaged file
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if "rng" in ckpt:
+            torch.set_rng_state(ckpt["rng"]["torch"])
+        progress = Progress(step=int(ckpt["step"]), best_psnr=float(ckpt.get("best_val_psnr", -math.inf)),
+                            last_val={int(n): r for n, r in ckpt.get("val", {}).items()})
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
+        detail = " ".join(str(e).split())  # load_state_dict lists the mismatches over many lines
+        raise CheckpointError(run.out_dir / "last.pt", f"its state does not fit the model: {detail[:240]}") from None
+    old = ckpt["data"] if isinstance(ckpt.get("data"), dict) else {}
+    if (old.get("world_size"), old.get("readers_per_rank")) != (run.world, max(1, t.num_workers)):
+        run.say(f"note: the checkpoint was trained with {old.get('world_size')} rank(s) × "
+                f"{old.get('readers_per_rank')} reader(s), this run uses {run.world} × {max(1, t.num_workers)}: "
+                "the batches from here on differ from an uninterrupted run")
+    return progress
+
+
+def wrap_model(run: Run, model: torch.nn.Module) -> torch.nn.Module:
+    """What the training steps call: ``model`` under DDP (several ranks) and torch.compile (when
+    set); checkpoints and validation use the bare ``model``."""
+    wrapped = model
+    if run.world > 1:
+        wrapped = DDP(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    return torch.compile(wrapped) if run.cfg.train.compile else wrapped
+
+
+def open_batches(run: Run, start_step: int) -> tuple[data_mod.TrainStream, Iterator[dict]]:
+    """This rank's endless stream of training batches, cut at train.steps, from ``start_step``
+    on, and the generator of its batches."""
+    cfg, t = run.cfg, run.cfg.train
+    stream = data_mod.TrainStream(
+        cfg.data.dir, cfg.data.train, steps=t.steps, batch_size=t.batch_size, seed=t.seed, crop=t.crop,
+        min_frames=t.min_frames, max_frames=t.max_frames, shuffle_buffer=t.shuffle_buffer,
+        num_workers=t.num_workers, rank=run.rank, world_size=run.world, start_step=start_step,
+        on_bad_shard=t.on_bad_shard, geometry=cfg.model.geometry)
+    return stream, data_mod.train_loader(stream, pin_memory=run.device.type == "cuda")
+
+
+def open_validation(run: Run, resumed: bool, step: int) -> tuple[dict | None, dict[int, float], object | None]:
+    """Rank 0: the fixed validation set (with its targets per burst length), the mean-of-frames
+    baseline PSNR per length, and the TensorBoard writer (a resumed run purges the events an
+    interrupted run logged after last.pt's step). Other ranks: (None, {}, None)."""
+    if not run.master:
+        return None, {}, None
+    cfg, t = run.cfg, run.cfg.train
+    val = data_mod.load_val_set(cfg.data.dir, cfg.data.val, t.val_samples)
+    val["targets"] = {n: np.stack([data_mod.geometry_target(tg, sh[:n], cfg.model.geometry)
+                                   for tg, sh in zip(val["target"], val["shift"])]) for n in t.val_frames}
+    baseline = baseline_psnr(val, t.val_frames)
+    run.out_dir.mkdir(parents=True, exist_ok=True)
+    from torch.utils.tensorboard import SummaryWriter  # imported late: it is slow to import
+    writer = SummaryWriter(log_dir=str(run.out_dir / "tb"), purge_step=step if resumed else None)
+    return val, baseline, writer
+
+
+# ----------------------------------------------------------------------------- logging, validation, checkpoints
+
+
+def log_training(run: Run, writer, step: int, mean_loss: float, lr: float, grad_norm: torch.Tensor | None,
+                 clock: Throughput, reads: Reads) -> None:
+    """The progress line (rank 0) and the training scalars."""
+    t = run.cfg.train
+    now = time.time()
+    rate, eta = clock.rate(now), clock.eta(now, step, t.steps)
+    skip_shards, skip_samples = reads.skipped_totals()
+    run.say(f"step {step}/{t.steps} | loss {mean_loss:.4f} | lr {lr:.2e} | "
+            f"{rate:.1f} samples/s | eta {fmt_seconds(eta)}"
+            + (f" | skipped {skip_shards} shard(s), {skip_samples} sample(s)" if skip_shards + skip_samples else ""))
+    if writer:
+        writer.add_scalar("train/loss", mean_loss, step)
+        writer.add_scalar("train/lr", lr, step)
+        writer.add_scalar("train/samples_per_s", rate, step)
+        if grad_norm is not None:
+            writer.add_scalar("train/grad_norm", grad_norm.item(), step)
+
+
+def validation_step(run: Run, model: torch.nn.Module, val: dict, baseline: dict[int, float], writer,
+                    progress: Progress) -> bool:
+    """Rank 0: validate ``model``, record the results in ``progress`` (last_val, best_psnr), log
+    them (line, scalars, image grids every image_every validations); True when the mean PSNR over
+    val_frames beat the best so far."""
+    t = run.cfg.train
+    progress.validations += 1
+    want_images = t.image_every > 0 and (progress.validations - 1) % t.image_every == 0
+    keep = min(t.image_samples, t.val_samples) if want_images else 0
+    results, outputs = validate(model, val, t.val_frames, t.batch_size, run.device, run.autocast,
+                                run.channels_last, keep)
+    mean_psnr = float(np.mean([r["psnr"] for r in results.values()]))
+    improved = mean_psnr > progress.best_psnr
+    progress.best_psnr = max(progress.best_psnr, mean_psnr)
+    progress.last_val = results
+    step = progress.step
+    run.say(f"val step {step}: " + ", ".join(
+        f"{n} fr {r['psnr']:.2f} dB (mean of frames {baseline[n]:.2f})" for n, r in results.items())
+        + f" | mean {mean_psnr:.2f} dB{' (best)' if improved else ''}")
+    for n, r in results.items():
+        writer.add_scalar(f"val/loss_{n}fr", r["loss"], step)
+        writer.add_scalar(f"val/psnr_{n}fr", r["psnr"], step)
+        writer.add_scalar(f"val/psnr_mean_of_frames_{n}fr", baseline[n], step)
+    writer.add_scalar("val/psnr_mean", mean_psnr, step)
+    for n, images in outputs.items():
+        writer.add_image(f"val/{n}fr_target_output_frames", image_grid(val, images, n), step)
+    writer.flush()
+    return improved
+
+
+def save_checkpoint(path: Path, run: Run, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    progress: Progress) -> None:
+    """Everything a run is rebuilt from (trainer/checkpoint.py writes it atomically)."""
+    save_atomic({
+        "model": model.state_dict(),  # the bare module: no DDP/compile prefixes
+        "config": to_dict(run.cfg),
+        "optimizer": optimizer.state_dict(),
+        "step": progress.step,
+        "best_val_psnr": progress.best_psnr,
+        "val": {str(n): r for n, r in progress.last_val.items()},
+        # nothing in the loop draws from these (batches come from (seed, rank, step)); kept so
+        # that code added later which does (dropout, say) resumes exactly too
+        "rng": {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if run.device.type == "cuda" else []},
+        "data": {"manifest_hash": str(run.manifest.get("config_hash", "")), "world_size": run.world,
+                 "readers_per_rank": max(1, run.cfg.train.num_workers)},
+    }, path)
+
+
+def save_last(run: Run, model: torch.nn.Module, optimizer: torch.optim.Optimizer, progress: Progress) -> None:
+    """last.pt, then config.toml (after it: last.pt is what --resume reads), so that new settings
+    that diverge before their first checkpoint never replace the good ones."""
+    save_checkpoint(run.out_dir / "last.pt", run, model, optimizer, progress)
+    atomic_write_bytes(run.out_dir / "config.toml", to_toml(to_dict(run.cfg)).encode())
+
+
+def finish(run: Run, model: torch.nn.Module, progress: Progress, start_step: int, reads: Reads,
+           baseline: dict[int, float], readers: str, clock: Throughput) -> dict:
+    """The summary: what each rank read and whether all ranks hold the same weights (gathered
+    from every rank); rank 0 writes it to summary.json. RuntimeError when the weights differ."""
+    skip_shards, skip_samples = reads.skipped_totals()
+    mine = {"rank": run.rank, "shards": sorted(reads.shards), "digest": params_digest(model),
+            "skipped_shards": skip_shards, "skipped_samples": skip_samples}
+    everyone = [mine]
+    if run.world > 1:
+        everyone = [None] * run.world
+        dist.all_gather_object(everyone, mine)
+    best = progress.best_psnr
+    summary = {
+        "step": progress.step, "start_step": start_step, "world_size": run.world,
+        "seconds": round(time.time() - clock.t_start, 1),
+        "best_val_psnr": best if math.isfinite(best) else None,
+        "val": {str(n): r for n, r in progress.last_val.items()},
+        "val_mean_of_frames": {str(n): p for n, p in baseline.items()},
+        "skipped": {"shards": sum(e["skipped_shards"] for e in everyone),
+                    "samples": sum(e["skipped_samples"] for e in everyone)},
+        "shards_read": {str(e["rank"]): e["shards"] for e in everyone},
+        "weights_digest": {str(e["rank"]): e["digest"] for e in everyone},
+        "readers": readers,
+    }
+    if run.master:
+        atomic_write_bytes(run.out_dir / "summary.json", (json.dumps(summary, indent=1) + "\n").encode())
+        run.say(f"done: step {progress.step}, best validation PSNR {best:.2f} dB, {fmt_seconds(summary['seconds'])}; "
+                f"checkpoints in {run.out_dir}")
+    if len(set(summary["weights_digest"].values())) > 1:
+        raise RuntimeError(f"ranks ended with different weights: {summary['weights_digest']}")
+    return summary
+
+
 # ----------------------------------------------------------------------------- training
 
 
@@ -222,7 +554,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, log=print
     # ---- everything that can be wrong with the inputs is checked before any work
     manifest = data_mod.read_manifest(cfg.data.dir)
     data_mod.check_against_manifest(cfg, manifest)
-    device_kind = resolve_device(t)
+    device = resolve_device(t.device, "train.device")
     ckpt = None
     if resume:
         if not (out_dir / "last.pt").is_file():
@@ -245,248 +577,77 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, log=print
     threads = torch.get_num_threads()
     if t.threads:
         torch.set_num_threads(t.threads)
-    rank, world, local_rank = setup_distributed(device_kind)
+    rank, world, local_rank = setup_distributed(device.type)
     try:
-        return _train(cfg, out_dir, ckpt, manifest, device_kind, rank, world, local_rank, log)
+        return _train(make_run(cfg, out_dir, manifest, device, rank, world, local_rank, log), ckpt)
     finally:
         if world > 1:
             dist.destroy_process_group()
         torch.set_num_threads(threads)
 
 
-def _train(cfg: TrainConfig, out_dir: Path, ckpt: dict | None, manifest: dict, device_kind: str,
-           rank: int, world: int, local_rank: int, log) -> dict:
-    t = cfg.train
-    master = rank == 0
-    device = torch.device(f"cuda:{local_rank}" if device_kind == "cuda" else "cpu")
-    use_bf16 = t.amp == "bf16" or (t.amp == "auto" and device_kind == "cuda")
-    channels_last = t.channels_last == "on" or (t.channels_last == "auto" and device_kind == "cuda")
-
-    def autocast():
-        return torch.autocast(device_kind, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
-
-    def say(message: str) -> None:
-        if master:
-            log(message)
-
-    # ---- model and optimizer (the same init on every rank; DDP broadcasts rank 0's anyway)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(t.seed)
-        model = build_model(cfg.model)
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    optimizer_cls = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam}[t.optimizer]
-    optimizer = optimizer_cls(model.parameters(), lr=t.lr)
-    step, best_psnr = 0, -math.inf
-    last_val: dict = {}  # the latest validation results (saved with each checkpoint, in the summary)
-    if ckpt is not None:
-        try:  # the model config was compared already: a state that does not fit is a damaged file
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            if "rng" in ckpt:
-                torch.set_rng_state(ckpt["rng"]["torch"])
-            best_psnr = float(ckpt.get("best_val_psnr", -math.inf))
-            last_val = {int(n): r for n, r in ckpt.get("val", {}).items()}
-        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
-            detail = " ".join(str(e).split())  # load_state_dict lists the mismatches over many lines
-            raise CheckpointError(out_dir / "last.pt", f"its state does not fit the model: {detail[:240]}") from None
-        step = int(ckpt["step"])
-        old = ckpt["data"] if isinstance(ckpt.get("data"), dict) else {}
-        if (old.get("world_size"), old.get("readers_per_rank")) != (world, max(1, t.num_workers)):
-            say(f"note: the checkpoint was trained with {old.get('world_size')} rank(s) × "
-                f"{old.get('readers_per_rank')} reader(s), this run uses {world} × {max(1, t.num_workers)}: "
-                "the batches from here on differ from an uninterrupted run")
-    start_step = step
-    train_model = DDP(model, device_ids=[local_rank] if device_kind == "cuda" else None) if world > 1 else model
-    if t.compile:
-        train_model = torch.compile(train_model)
+def _train(run: Run, ckpt: dict | None) -> dict:
+    t = run.cfg.train
+    # ---- setup: model, optimizer, resumed state, data, validation set, logs
+    model, optimizer = build_training(run)
+    progress = restore(run, ckpt, model, optimizer)
+    start_step = progress.step
+    train_model = wrap_model(run, model)
+    stream, batches = open_batches(run, start_step)
+    val, baseline, writer = open_validation(run, ckpt is not None, start_step)
     n_params = sum(p.numel() for p in model.parameters())
+    run.say(f"{'resuming at' if ckpt else 'training from'} step {start_step}/{t.steps} on {run.device.type}"
+            f"{f' × {run.world} ranks' if run.world > 1 else ''}: {n_params / 1e6:.2f}M parameters, batch "
+            f"{t.batch_size}{' per rank' if run.world > 1 else ''}, crop {t.crop}, {t.min_frames}..{t.max_frames} "
+            f"frames, {'bf16' if run.bf16 else 'fp32'}; data {run.cfg.data.dir} ({stream.note}); run {run.out_dir}")
+    run.say("validation PSNR of the mean of the frames: "
+            + ", ".join(f"{n} fr {p:.2f} dB" for n, p in baseline.items()))
 
-    # ---- data: an endless stream cut at t.steps; a fixed validation set on rank 0
-    stream = data_mod.TrainStream(
-        cfg.data.dir, cfg.data.train, steps=t.steps, batch_size=t.batch_size, seed=t.seed, crop=t.crop,
-        min_frames=t.min_frames, max_frames=t.max_frames, shuffle_buffer=t.shuffle_buffer,
-        num_workers=t.num_workers, rank=rank, world_size=world, start_step=step, on_bad_shard=t.on_bad_shard,
-        geometry=cfg.model.geometry)
-    batches = data_mod.train_loader(stream, pin_memory=device_kind == "cuda")  # a generator of batches
-    val, baseline, writer = None, {}, None
-    if master:
-        val = data_mod.load_val_set(cfg.data.dir, cfg.data.val, t.val_samples)
-        val["targets"] = {n: np.stack([data_mod.geometry_target(tg, sh[:n], cfg.model.geometry)
-                                       for tg, sh in zip(val["target"], val["shift"])]) for n in t.val_frames}
-        baseline = baseline_psnr(val, t.val_frames)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        from torch.utils.tensorboard import SummaryWriter  # imported late: it is slow to import
-        # resuming: TensorBoard drops the events an interrupted run logged after last.pt's step
-        writer = SummaryWriter(log_dir=str(out_dir / "tb"), purge_step=step if ckpt else None)
-
-    say(f"{'resuming at' if ckpt else 'training from'} step {step}/{t.steps} on {device_kind}"
-        f"{f' × {world} ranks' if world > 1 else ''}: {n_params / 1e6:.2f}M parameters, batch {t.batch_size}"
-        f"{' per rank' if world > 1 else ''}, crop {t.crop}, {t.min_frames}..{t.max_frames} frames, "
-        f"{'bf16' if use_bf16 else 'fp32'}; data {cfg.data.dir} ({stream.note}); run {out_dir}")
-    say("validation PSNR of the mean of the frames: "
-        + ", ".join(f"{n} fr {p:.2f} dB" for n, p in baseline.items()))
-
-    def checkpoint(path: Path, val_results: dict | None) -> None:
-        save_atomic({
-            "model": model.state_dict(),  # the bare module: no DDP/compile prefixes
-            "config": to_dict(cfg),
-            "optimizer": optimizer.state_dict(),
-            "step": step,
-            "best_val_psnr": best_psnr,
-            "val": {str(n): r for n, r in (val_results or {}).items()},
-            # nothing in the loop draws from these (batches come from (seed, rank, step)); kept so
-            # that code added later which does (dropout, say) resumes exactly too
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if device_kind == "cuda" else []},
-            "data": {"manifest_hash": str(manifest.get("config_hash", "")), "world_size": world,
-                     "readers_per_rank": max(1, t.num_workers)},
-        }, path)
-
-    # ---- losses stay on the device between checks: no host sync on ordinary steps
-    loss_acc = torch.zeros((), device=device)  # sum of this rank's losses since the last check
-    first_bad = torch.full((), t.steps, device=device)  # first step with a NaN/inf loss (t.steps: none)
-    bad_loss = torch.zeros((), device=device)  # that loss
-
-    def check_losses(count: int) -> float:
-        """The sync point, on every rank at the same steps: the mean loss over ranks of the
-        ``count`` steps since the last log line; raises TrainingDiverged naming the first step
-        whose loss was not finite. Called before any validation or checkpoint, so a diverged
-        model is never saved."""
-        bad_step = first_bad.clone()
-        if world > 1:
-            dist.all_reduce(bad_step, op=dist.ReduceOp.MIN)
-        if bad_step.item() < t.steps:
-            value = torch.where(first_bad == bad_step, bad_loss, torch.zeros_like(bad_loss))
-            if world > 1:
-                dist.all_reduce(value)
-            where = (f"the last good checkpoint is {out_dir / 'last.pt'}" if (out_dir / "last.pt").exists()
-                     else "no checkpoint was written yet")
-            raise TrainingDiverged(f"loss is {value.item()} at step {bad_step.item()}; stopped ({where})")
-        total = loss_acc.clone()
-        if world > 1:
-            dist.all_reduce(total)
-        return total.item() / world / max(count, 1)
-
-    # ---- the loop
-    seen_shards: set[str] = set()
-    skipped: dict[int, tuple[int, int]] = {}
-    validations = 0
-    loss_count = 0
-    t_start = t_log = time.time()
-    samples_since = 0
+    # ---- the loop: losses stay on the device between checks (no host sync on ordinary steps)
+    losses = LossMonitor(run.device, t.steps, run.world)
+    clock, reads = Throughput(start_step), Reads()
     try:
-        while step < t.steps:
+        while progress.step < t.steps:
             batch = next(batches)
-            if batch["step"] != step:  # the data stream and the loop must agree for exact resume
-                raise RuntimeError(f"data stream out of order: batch for step {batch['step']} at step {step}")
-            seen_shards.update(batch["shards"])
-            skipped[batch["reader"]] = (batch["skipped_shards"], batch["skipped_samples"])
+            if batch["step"] != progress.step:  # the data stream and the loop must agree for exact resume
+                raise RuntimeError(f"data stream out of order: batch for step {batch['step']} at step {progress.step}")
+            reads.add(batch)
 
-            lr = lr_at(step, t)
+            lr = lr_at(progress.step, t)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            burst, target = to_device(batch, device, channels_last)
-            with autocast():
+            burst, target = to_device(batch, run.device, run.channels_last)
+            with run.autocast():
                 pred = train_model(burst)
             loss = burst_loss(pred, target)
-            value = loss.detach()
-            newly_bad = ~torch.isfinite(value) & (first_bad == t.steps)
-            first_bad.masked_fill_(newly_bad, step)
-            bad_loss.copy_(torch.where(newly_bad, value, bad_loss))
-            loss_acc.add_(value)
-
+            losses.add(loss.detach(), progress.step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip) if t.grad_clip > 0 else None
             optimizer.step()
-            step += 1
-            loss_count += 1
-            samples_since += len(target) * world
+            progress.step += 1
+            clock.count(len(target) * run.world)
 
+            step = progress.step
             logging_step = step % t.log_every == 0 or step == t.steps
             if logging_step or step % t.val_every == 0 or step % t.ckpt_every == 0:
-                mean_loss = check_losses(loss_count)  # (a NaN step's update is never saved)
+                mean_loss = losses.check(run.out_dir / "last.pt")  # (a NaN step's update is never saved)
             if logging_step:
-                now = time.time()
-                rate = samples_since / max(now - t_log, 1e-9)
-                eta = (now - t_start) / (step - start_step) * (t.steps - step)
-                skip_shards = sum(s for s, _ in skipped.values())
-                skip_samples = sum(s for _, s in skipped.values())
-                say(f"step {step}/{t.steps} | loss {mean_loss:.4f} | lr {lr:.2e} | "
-                    f"{rate:.1f} samples/s | eta {fmt_seconds(eta)}"
-                    + (f" | skipped {skip_shards} shard(s), {skip_samples} sample(s)" if skip_shards + skip_samples else ""))
-                if writer:
-                    writer.add_scalar("train/loss", mean_loss, step)
-                    writer.add_scalar("train/lr", lr, step)
-                    writer.add_scalar("train/samples_per_s", rate, step)
-                    if grad_norm is not None:
-                        writer.add_scalar("train/grad_norm", grad_norm.item(), step)
-                loss_acc.zero_()
-                loss_count, samples_since = 0, 0
-                t_log = time.time()
-
-            if master and (step % t.val_every == 0 or step == t.steps):
-                validations += 1
-                want_images = t.image_every > 0 and (validations - 1) % t.image_every == 0
-                keep = min(t.image_samples, t.val_samples) if want_images else 0
-                last_val, outputs = validate(model, val, t.val_frames, t.batch_size, device, autocast,
-                                             channels_last, keep)
-                mean_psnr = float(np.mean([r["psnr"] for r in last_val.values()]))
-                improved = mean_psnr > best_psnr
-                best_psnr = max(best_psnr, mean_psnr)
-                say(f"val step {step}: " + ", ".join(
-                    f"{n} fr {r['psnr']:.2f} dB (mean of frames {baseline[n]:.2f})" for n, r in last_val.items())
-                    + f" | mean {mean_psnr:.2f} dB{' (best)' if improved else ''}")
-                for n, r in last_val.items():
-                    writer.add_scalar(f"val/loss_{n}fr", r["loss"], step)
-                    writer.add_scalar(f"val/psnr_{n}fr", r["psnr"], step)
-                    writer.add_scalar(f"val/psnr_mean_of_frames_{n}fr", baseline[n], step)
-                writer.add_scalar("val/psnr_mean", mean_psnr, step)
-                for n, images in outputs.items():
-                    writer.add_image(f"val/{n}fr_target_output_frames", image_grid(val, images, n), step)
-                writer.flush()
-                if improved:
-                    checkpoint(out_dir / "best.pt", last_val)
-                t_log = time.time()  # validation time is not training throughput
-
-            if master and (step % t.ckpt_every == 0 or step == t.steps):
-                checkpoint(out_dir / "last.pt", last_val)
-                # config.toml goes with last.pt (after it: last.pt is what --resume reads), so new
-                # settings that diverge before their first checkpoint never replace the good ones
-                atomic_write_bytes(out_dir / "config.toml", to_toml(to_dict(cfg)).encode())
-                t_log = time.time()
+                log_training(run, writer, step, mean_loss, lr, grad_norm, clock, reads)
+                losses.reset()
+                clock.restart()
+            if run.master and (step % t.val_every == 0 or step == t.steps):
+                if validation_step(run, model, val, baseline, writer, progress):
+                    save_checkpoint(run.out_dir / "best.pt", run, model, optimizer, progress)
+                clock.exclude()
+            if run.master and (step % t.ckpt_every == 0 or step == t.steps):
+                save_last(run, model, optimizer, progress)
+                clock.exclude()
     finally:
         batches.close()  # shuts the loader's workers down
         if writer:
             writer.close()
-
-    # ---- the end: what each rank read and whether all ranks hold the same weights
-    mine = {"rank": rank, "shards": sorted(seen_shards), "digest": params_digest(model),
-            "skipped_shards": sum(s for s, _ in skipped.values()),
-            "skipped_samples": sum(s for _, s in skipped.values())}
-    everyone = [mine]
-    if world > 1:
-        everyone = [None] * world
-        dist.all_gather_object(everyone, mine)
-    summary = {
-        "step": step, "start_step": start_step, "world_size": world, "seconds": round(time.time() - t_start, 1),
-        "best_val_psnr": best_psnr if math.isfinite(best_psnr) else None, "val": {str(n): r for n, r in last_val.items()},
-        "val_mean_of_frames": {str(n): p for n, p in baseline.items()},
-        "skipped": {"shards": sum(e["skipped_shards"] for e in everyone),
-                    "samples": sum(e["skipped_samples"] for e in everyone)},
-        "shards_read": {str(e["rank"]): e["shards"] for e in everyone},
-        "weights_digest": {str(e["rank"]): e["digest"] for e in everyone},
-        "readers": stream.note,
-    }
-    if master:
-        atomic_write_bytes(out_dir / "summary.json", (json.dumps(summary, indent=1) + "\n").encode())
-        say(f"done: step {step}, best validation PSNR {best_psnr:.2f} dB, {fmt_seconds(summary['seconds'])}; "
-            f"checkpoints in {out_dir}")
-    if len(set(summary["weights_digest"].values())) > 1:
-        raise RuntimeError(f"ranks ended with different weights: {summary['weights_digest']}")
-    return summary
+    return finish(run, model, progress, start_step, reads, baseline, stream.note, clock)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -514,7 +675,7 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         path = Path(args.out) / "last.pt"
         if not path.is_file():
             raise FileNotFoundError(f"nothing to resume: {path} does not exist")
-        base = load_checkpoint(path, TRAINING_KEYS)["config"]
+        base = read_config(path, TRAINING_KEYS)  # a last.pt that cannot be resumed fails here
         return load_train_config(None, overrides, base=base)
     return load_train_config(args.config or DEFAULT_CONFIG, overrides)
 
