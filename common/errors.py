@@ -27,3 +27,22 @@ def flat(e: BaseException) -> str:
     """An exception's whole message on one line (whitespace runs collapsed; its type name if it
     has none): for messages whose later lines matter (Pillow's, torch's load_state_dict)."""
     return " ".join(str(e).split()) or type(e).__name__
+
+
+def run_cli(command, interrupted: str = "interrupted") -> int:
+    """Run ``command()`` (returns an exit code) as a command line does: a UserError or an OSError
+    (a missing file, a full disk: the user's environment) becomes one ``error: ...`` line on
+    stderr and exit ``e.exit_code`` (2 unless the error says otherwise); Ctrl-C prints
+    ``interrupted`` and exits 130 (143 for SIGTERM delivered as a KeyboardInterrupt subclass
+    with ``exit_code``). Anything else is a bug: it propagates with its traceback. The one place
+    the project's CLIs catch errors."""
+    import sys
+
+    try:
+        return command()
+    except (UserError, OSError) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return getattr(e, "exit_code", 2)
+    except KeyboardInterrupt as e:
+        print(interrupted, file=sys.stderr)
+        return getattr(e, "exit_code", 130)

@@ -8,12 +8,14 @@ import signal
 import sys
 import threading
 
-from pipeline.config import ConfigError, one_line
+from common.errors import run_cli
 
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread so that it unwinds like Ctrl-C: the process pool or Ray
     stops and the folder's lock is released (the default action would kill the driver on the spot)."""
+
+    exit_code = 143
 
 
 def _raise_terminated(signum, frame):
@@ -59,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    try:
+
+    def run() -> int:
         if args.command == "render":
             from pathlib import Path
 
@@ -101,12 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         checked = " and every kernels.zarr file" if report.kernels_checked else ""
         print(f"{args.dir}: every shard{checked} matches the manifest")
         return 0
-    except (ConfigError, ValueError, OSError, KeyError, IndexError, RuntimeError) as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as e:
-        print("interrupted: finished shards are kept; run the same command again to resume", file=sys.stderr)
-        return 143 if isinstance(e, Terminated) else 130
+
+    return run_cli(run, interrupted="interrupted: finished shards are kept; run the same command again to resume")
 
 
 if __name__ == "__main__":

@@ -17,17 +17,14 @@ import zlib
 import numpy as np
 
 from pipeline import imaging, kernels, sources
-from pipeline.config import ShardConfig
+from pipeline.config import ConfigError, ShardConfig
 from pipeline.distributions import loguniform
+from pipeline.format import sample_key
 
 
 def split_id(split: str) -> int:
     """Stable integer id of a split name (crc32), part of every sample's seed."""
     return zlib.crc32(split.encode())
-
-
-def sample_key(split: str, shard: int, index: int) -> str:
-    return f"{split}-{shard:06d}-{index:06d}"
 
 
 def sample_streams(cfg: ShardConfig, split: str, index: int) -> tuple[np.random.Generator, ...]:
@@ -95,7 +92,7 @@ def render_sample(cfg: ShardConfig, split: str, index: int,
     (F, K, K), "trajectories" float32 (F, T, 2), "params" (the sample's json, a plain dict)}.
     """
     if split not in cfg.splits:
-        raise KeyError(f"no split '{split}' in the config (splits: {', '.join(cfg.splits)})")
+        raise ConfigError(f"no split '{split}' in the config (splits: {', '.join(cfg.splits)})")
     n = cfg.splits[split].samples
     if not 0 <= index < n:
         raise IndexError(f"sample {index} out of range for split '{split}' ({n} samples)")

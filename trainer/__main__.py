@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from pipeline.config import ConfigError, one_line
+from common.errors import run_cli
 
 COMMANDS = {
     "train": ("trainer.train", "train the network on rendered shards"),
@@ -36,14 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{USAGE}\nerror: unknown command '{command}' (choose from {', '.join(COMMANDS)})", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[command][0])
-    try:
-        return module.main(rest)
-    except (ConfigError, ValueError, FileNotFoundError, OSError) as e:  # user errors: one line
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_cli(lambda: module.main(rest))
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from common.errors import UserError
 from trainer import baselines
 from trainer.data import frame_shifts, geometry_target, iter_samples, read_manifest, reference_subset, split_shards
 from trainer.device import burst_to_input, resolve_device
@@ -113,9 +114,9 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path, split: str = "test", 
     lengths = list(range(1, min(8, stored) + 1)) if frames is None else sorted(set(frames))
     bad = [n for n in lengths if not 1 <= n <= stored]
     if bad:
-        raise ValueError(f"--frames {bad[0]}: the dataset stores {stored} frames per sample (use 1..{stored})")
+        raise UserError(f"--frames {bad[0]}: the dataset stores {stored} frames per sample (use 1..{stored})")
     if batch < 1:
-        raise ValueError(f"--batch must be >= 1, got {batch}")
+        raise UserError(f"--batch must be >= 1, got {batch}")
     out_dir = Path(out_dir) if out_dir is not None else checkpoint.parent / f"eval-{split}"
     dev = resolve_device(device)
     model = load(checkpoint, dev)
@@ -163,7 +164,7 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path, split: str = "test", 
         flush()
     bar.close()
     if not rows:
-        raise ValueError(f"{data_dir}: split '{split}' has no samples")
+        raise UserError(f"{data_dir}: split '{split}' has no samples")
     rows.sort(key=lambda r: r["order"])  # sample, N, method: the same file for any --batch
 
     summary = summarize(rows, lengths)
@@ -315,9 +316,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             frames = [int(x) for x in args.frames.split(",") if x.strip()]
         except ValueError:
-            raise ValueError(f"--frames must be comma-separated integers, got '{args.frames}'") from None
+            raise UserError(f"--frames must be comma-separated integers, got '{args.frames}'") from None
         if not frames:
-            raise ValueError("--frames is empty")
+            raise UserError("--frames is empty")
     from trainer.model import default_checkpoint
 
     args.checkpoint = default_checkpoint(args.checkpoint)

@@ -56,10 +56,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common.config import ConfigError
-from common.errors import one_line
+from common.errors import UserError, one_line, run_cli
 from trainer import data as data_mod
-from trainer.baselines import mean_frames
 from pipeline.format import atomic_write_bytes
+from trainer.baselines import mean_frames
 from trainer.checkpoint import TRAINING_KEYS, CheckpointError, load_checkpoint, peek, read_config, save_atomic
 from trainer.config import TrainConfig, TrainSection, load_train_config, to_dict, to_toml
 from trainer.device import burst_to_input, image_to_target, resolve_device
@@ -71,8 +71,10 @@ DEFAULT_CONFIG = "configs/train/default.toml"
 DEFAULT_OUT = "runs/default"
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss (or a validation output) became NaN or inf; training stopped."""
+class TrainingDiverged(UserError):
+    """The loss (or a validation output) became NaN or inf; training stopped (exit 1)."""
+
+    exit_code = 1
 
 
 def lr_at(step: int, t: TrainSection) -> float:
@@ -682,19 +684,12 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        cfg = resolve_config(args)
-        train(cfg, args.out, resume=args.resume)
-    except (ConfigError, ValueError, FileNotFoundError, OSError) as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"interrupted; the last checkpoint in {args.out} (if any) is intact", file=sys.stderr)
-        return 130
-    return 0
+
+    def run() -> int:
+        train(resolve_config(args), args.out, resume=args.resume)
+        return 0
+
+    return run_cli(run, interrupted=f"interrupted; the last checkpoint in {args.out} (if any) is intact")
 
 
 if __name__ == "__main__":
