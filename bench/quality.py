@@ -17,7 +17,9 @@ degradation model, so all variants hold the same crops of the same photographs:
 
 With ``--lengths 1,2,4`` it also trains the `make all` default for 1x, 2x and 4x its steps
 (resuming one run, so the 1x and 2x checkpoints are those a shorter run would end with) and
-scores each, the "quality vs training length" table. Datasets are rendered once into
+scores each, the "quality vs training length" table. With ``--recipe NAME=KEY=V,KEY=V`` (repeatable)
+it trains the `make all` default with those overrides, each in a fresh process whose CPU time is
+measured, and scores each: the "quality per CPU-minute" table of recipes. Datasets are rendered once into
 --data-root with the local engine and reused (same config, same bytes). Prints Markdown tables
 and writes a JSON report.
 """
@@ -134,6 +136,57 @@ def train_lengths(factors: list[int], train_config: str, data: Path, run: Path, 
     return out
 
 
+def train_recipes(recipes: dict[str, list[str]], train_config: str, data: Path, run: Path, log) -> dict[str, dict]:
+    """Train the config with each recipe's overrides in a child process (so its CPU time is its
+    own: user + system seconds of the child, which load on the box changes far less than wall
+    time). Returns {name: {"checkpoint", "cpu_s", "wall_s", "overrides"}}."""
+    import resource
+    import subprocess
+
+    out = {}
+    for name, overrides in recipes.items():
+        folder = run / name
+        if folder.exists():
+            shutil.rmtree(folder)
+        cmd = [sys.executable, "-m", "trainer", "train", "--config", str(ROOT / train_config),
+               "--data", str(data), "--out", str(folder)]
+        for o in overrides:
+            cmd += ["--set", o]
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t0 = time.time()
+        with open(run / f"{name}.log", "w") as logfile:
+            proc = subprocess.run(cmd, cwd=ROOT, stdout=logfile, stderr=subprocess.STDOUT)
+        wall = time.time() - t0
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if proc.returncode != 0:
+            raise RuntimeError(f"recipe {name} failed (exit {proc.returncode}); see {run / f'{name}.log'}")
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        log(f"recipe {name} ({' '.join(overrides) or 'the default'}): {cpu / 60:.1f} CPU-min, {wall / 60:.1f} min wall")
+        out[name] = {"checkpoint": folder / "best.pt", "cpu_s": cpu, "wall_s": wall, "overrides": overrides}
+    return out
+
+
+def recipe_table(recipes: dict[str, dict], results: dict[str, dict], variant: str) -> str:
+    """Markdown: one row per recipe, its CPU-minutes, PSNR at each scored N and model - FBA at the largest."""
+    rows = {name: row_means(results[name]) for name in recipes}
+    ns = sorted(next(iter(rows.values())))
+    top = ns[-1]
+    lines = [f"**recipes on {variant}** (PSNR dB; CPU-minutes of training, user + system)", "",
+             "| recipe | overrides | CPU-min | " + " | ".join(f"N={n}" for n in ns) +
+             f" | model - FBA at N={top} | dB over the mean at N={top} per CPU-min |",
+             "|---" * (4 + len(ns) + 1) + "|"]
+    for name, r in recipes.items():
+        m = rows[name]
+        gain = (m[top]["model"] - m[top]["mean"]) / (r["cpu_s"] / 60)
+        lines.append(f"| {name} | {' '.join(r['overrides']) or '(default)'} | {r['cpu_s'] / 60:.1f} | "
+                     + " | ".join(f"{m[n]['model']:.2f}" for n in ns)
+                     + " | {:+.2f} [{:+.2f}, {:+.2f}] | ".format(*m[top]["model-fba"]) + f"{gain:.3f} |")
+    base = next(iter(rows.values()))
+    lines.append("| FBA | | | " + " | ".join(f"{base[n]['fba']:.2f}" for n in ns) + " | | |")
+    lines.append("| mean of frames | | | " + " | ".join(f"{base[n]['mean']:.2f}" for n in ns) + " | | |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH",
@@ -145,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root", default=str(ROOT / "shards"), help="where the variant datasets are rendered")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--lengths", default="", help="e.g. 1,2,4: also train the default for these multiples of its steps")
+    p.add_argument("--recipe", action="append", default=[], metavar="NAME=KEY=V,KEY=V",
+                   help="also train the default with these overrides and score it (repeatable; NAME= alone: no overrides)")
     p.add_argument("--train-config", default="configs/train/default.toml")
     p.add_argument("--train-data", default=str(ROOT / "shards/default"))
     p.add_argument("--out", default=str(ROOT / "runs/quality"))
@@ -171,6 +226,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.lengths:
         factors = [int(x) for x in args.lengths.split(",")]
         checkpoints.update(train_lengths(factors, args.train_config, Path(args.train_data), out / "lengths", log))
+    recipes = {}
+    for item in args.recipe:
+        name, sep, rest = item.partition("=")
+        if not sep or not name or name in recipes:
+            print(f"error: --recipe {item}: expected a new NAME=KEY=V,KEY=V (or NAME= for the default)", file=sys.stderr)
+            return 2
+        recipes[name] = [o for o in rest.split(",") if o]
+    trained = {}
+    if recipes:
+        (out / "recipes").mkdir(exist_ok=True)
+        trained = train_recipes(recipes, args.train_config, Path(args.train_data), out / "recipes", log)
+        checkpoints.update({name: r["checkpoint"] for name, r in trained.items()})
     if not checkpoints:
         print("error: nothing to score: give --checkpoint NAME=PATH or --lengths", file=sys.stderr)
         return 2
@@ -188,6 +255,10 @@ def main(argv: list[str] | None = None) -> int:
                                                 for k, s in results.items()}}
         text = table(f"{variant}: {' '.join(VARIANTS[variant]) or 'the default imaging model'}", results)
         print(text + "\n", flush=True)
+        if trained:
+            print(recipe_table(trained, results, variant) + "\n", flush=True)
+            report["recipes"] = {k: {"cpu_s": r["cpu_s"], "wall_s": r["wall_s"], "overrides": r["overrides"]}
+                                 for k, r in trained.items()}
         log(f"{variant}: {time.time() - t0:.0f} s")
     path = Path(args.json) if args.json else out / "report.json"
     tmp = path.with_name(f".{path.name}.tmp")
