@@ -14,7 +14,7 @@ ENGINE  ?= ray
 .PHONY: help setup shards inspect verify train eval all test bench quality pretrained clean
 
 help:
-	@echo "make setup    create .venv with the pinned requirements"
+	@echo "make setup    create .venv with the pinned requirements and the package (editable)"
 	@echo "make shards   render $(DATA) from $(SHARDS_CONFIG) (WORKERS=$(WORKERS), ENGINE=$(ENGINE))"
 	@echo "make inspect  summary of $(DATA) and a contact sheet of its first test sample"
 	@echo "make train    train on $(DATA) with $(TRAIN_CONFIG) into $(RUN)"
@@ -27,10 +27,14 @@ help:
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt
+# The pinned lock first, then this project as an editable package (its own dependencies are
+# ranges that the lock satisfies: --no-deps), so the console scripts exist and imports work
+# from any directory.
+$(STAMP): requirements.txt pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
 shards: $(STAMP)

@@ -9,6 +9,7 @@ import sys
 import threading
 
 from common.errors import run_cli
+from common.version import add_version
 
 
 class Terminated(KeyboardInterrupt):
@@ -19,22 +20,32 @@ class Terminated(KeyboardInterrupt):
 
 
 def _raise_terminated(signum, frame):
+    _sigterm.set()
     raise Terminated()
+
+
+_sigterm = threading.Event()  # a SIGTERM arrived: what it raised may come back as a plain KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline",
                                      description="Render and inspect burst/target shards.")
+    add_version(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("render", help="render (or resume) a dataset of shards",
                        description="Render the dataset of a shard config into tar shards + kernels.zarr.")
-    p.add_argument("--config", required=True, help="shard config TOML, e.g. configs/shards/default.toml")
-    p.add_argument("--out", help="output folder (default: shards/<dataset.name>)")
-    p.add_argument("--workers", type=int, default=2, help="parallel shard writers (default 2)")
+    p.add_argument("--config", required=True,
+                   help="shard config TOML, e.g. configs/shards/default.toml; a path that is not a file "
+                        "here names a bundled config (configs/shards/default.toml, or just 'default')")
+    p.add_argument("--out", help="output folder (default: shards/<dataset.name>, under the current directory)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="parallel shard writers (default 2); with --address, the most shards in flight "
+                        "(default: one per CPU of the cluster)")
     p.add_argument("--engine", choices=("ray", "local"), default="ray",
                    help="ray (default) or local (a process pool; identical bytes)")
-    p.add_argument("--address", help="join an existing Ray cluster (e.g. auto or host:6379)")
+    p.add_argument("--address", help="join an existing Ray cluster (auto on one of its nodes, or host:port "
+                                     "of its head, e.g. 10.0.0.1:6379); --out must be a path every node sees")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset rendered with another config")
     p.add_argument("--retries", type=int, default=2, help="retries of a failed shard (default 2)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -43,21 +54,25 @@ def main(argv: list[str] | None = None) -> int:
                    help="refuse, before any work, a config whose estimated memory per worker is "
                         "over this (default 8; 0 = no limit)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_version(p)
 
     p = sub.add_parser("inspect", help="summary of a dataset, or a contact sheet of one sample",
                        description="Without --index/--key: print a summary. With them: write a contact sheet PNG.")
-    p.add_argument("dir", help="dataset folder (with manifest.json)")
+    p.add_argument("dir", help="dataset folder (with manifest.json), or its URL "
+                               "(http(s)://, or s3://, gs://, ... with fsspec)")
     p.add_argument("--split", help="split of --index (default: the first split)")
     p.add_argument("--index", type=int, help="sample index within the split")
     p.add_argument("--key", help="sample key, e.g. test-000000-000003")
     p.add_argument("--out", help="contact sheet PNG (default: <dir>/<key>.png)")
+    add_version(p)
 
     p = sub.add_parser("verify", help="check every shard against the manifest",
                        description="Check sha256, sizes, sample counts and members of every shard, the "
                                    "checksums of every kernels.zarr file, and report files that are not "
                                    "part of the dataset (temporary files and unlisted tars are errors, "
                                    "exit 1; other files are warnings).")
-    p.add_argument("dir", help="dataset folder (with manifest.json)")
+    p.add_argument("dir", help="local dataset folder (with manifest.json); URLs are not verified")
+    add_version(p)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -66,18 +81,26 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "render":
             from pathlib import Path
 
+            from common.bundled import find_config
             from pipeline.config import load_shard_config
             from pipeline.run import render_dataset
 
-            cfg = load_shard_config(args.config, args.overrides)
+            cfg = load_shard_config(find_config(args.config, "shards"), args.overrides)
             out = Path(args.out) if args.out else Path("shards") / cfg.dataset.name
             main_thread = threading.current_thread() is threading.main_thread()
             previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
             try:
-                manifest = render_dataset(cfg, out, workers=args.workers, engine=args.engine,
+                workers = args.workers if args.workers is not None else None if args.address else 2
+                manifest = render_dataset(cfg, out, workers=workers, engine=args.engine,
                                           address=args.address, overwrite=args.overwrite,
                                           retries=args.retries, progress=not args.quiet,
                                           max_worker_gb=args.max_worker_gb or None)
+            except KeyboardInterrupt as e:
+                # Ray's ray.wait/ray.get catch what a signal handler raises and raise a plain
+                # KeyboardInterrupt instead: still SIGTERM's exit status (143), not Ctrl-C's
+                if _sigterm.is_set() and not isinstance(e, Terminated):
+                    raise Terminated() from None
+                raise
             finally:
                 if previous is not None:
                     signal.signal(signal.SIGTERM, previous)

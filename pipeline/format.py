@@ -7,6 +7,11 @@
                                          key sample_key / parse_key ("<split>-NNNNNN-NNNNNN")
                   kernels.zarr/          every file's size and sha256 in the manifest (tree_checksums)
                   stats/<split>-NNNNNN.json   stats_file: a shard's stats, written last (the done mark)
+                  <split>.wids.json      wids_file / wids_index: the shard list webdataset's wids reads
+
+A dataset may also be read over a URL (``is_url``): http(s) through the standard library, any
+other scheme through fsspec; ``read_manifest`` and ``iter_shard`` take one (``open_location``,
+``join``), and iter_shard still checks a shard's sha256 before its first sample.
 
 Writing: ``encode_sample`` gives a sample's members, byte for byte what every shard holds (the
 encoders ``encode_npy``, ``encode_png``, ``encode_json``); ``atomic_write_bytes`` is the one
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import http.client
 import io
 import json
 import math
@@ -35,6 +41,10 @@ import os
 import re
 import struct
 import tarfile
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
 import warnings
 import zlib
 from collections.abc import Mapping
@@ -45,6 +55,7 @@ import numpy as np
 from PIL import Image
 
 from common.errors import UserError, one_line
+from common.files import atomic_write_bytes  # noqa: F401 - the format's writers use it; re-exported
 
 FORMAT = "burst-shards/1"
 MANIFEST = "manifest.json"
@@ -61,6 +72,7 @@ SPLIT = re.compile(r"[a-z0-9_]+")
 SHA256 = re.compile(r"[0-9a-f]{64}")
 TEMPORARY = re.compile(r"\..+\.tmp(-\d+)?")  # ".<name>.tmp-<pid>": an atomic write that did not finish
 ZARR_PARTIAL = re.compile(r".+\.[0-9a-f]{32}\.partial")  # a chunk zarr's LocalStore had not renamed yet
+WIDS_SUFFIX = ".wids.json"  # <split>.wids.json: the shard list webdataset's wids reads (wids_index)
 _NUMBERS = 10 ** 6  # shard numbers and sample indices are written with 6 digits
 
 
@@ -332,7 +344,7 @@ class Manifest(Mapping):
     code that reads a manifest as the dict that ``pipeline.run.render_dataset`` returns.
     """
 
-    path: Path  # the manifest file; messages name it or its folder
+    path: Path | str  # the manifest file (a URL string for a dataset read over a URL); messages name it
     name: str
     config_hash: str
     code_version: str
@@ -358,14 +370,14 @@ class Manifest(Mapping):
             splits[name] = SplitEntry(name, s["samples"], per_shard, s["source"], s["source_files"], s["skipped"],
                                       shards)
         files = obj.get("kernel_files")
-        return cls(Path(path), obj["name"], obj["config_hash"], obj["code_version"], obj["seed"], obj["frames"],
-                   obj["size"], obj["kernel_size"], obj["kernels"], obj["config"], splits,
-                   None if files is None else tuple(files), obj)
+        return cls(path if is_url(path) else Path(path), obj["name"], obj["config_hash"], obj["code_version"],
+                   obj["seed"], obj["frames"], obj["size"], obj["kernel_size"], obj["kernels"], obj["config"],
+                   splits, None if files is None else tuple(files), obj)
 
     @property
-    def folder(self) -> Path:
-        """The dataset folder."""
-        return self.path.parent
+    def folder(self) -> Path | str:
+        """The dataset folder (its URL, without a trailing '/', for a dataset read over a URL)."""
+        return self.path.rsplit("/", 1)[0] if is_url(self.path) else self.path.parent
 
     def split(self, name: str) -> SplitEntry:
         """The split ``name``; DataError naming the folder and the splits it has otherwise."""
@@ -392,23 +404,134 @@ class Manifest(Mapping):
 
 
 def read_manifest(data_dir: str | Path) -> Manifest:
-    """The validated ``manifest.json`` of a dataset folder: the one reader of the pipeline
-    (inspect, verify) and the trainer (training, evaluation).
+    """The validated ``manifest.json`` of a dataset folder, or of a dataset URL (``is_url``:
+    http(s) with the standard library, any other scheme through fsspec): the one reader of the
+    pipeline (inspect, verify) and the trainer (training, evaluation).
 
-    Raises FileNotFoundError (folder or manifest missing) or DataError (not JSON, or not the
-    structure of a manifest: ``validate_manifest``), each one line.
+    Raises FileNotFoundError (folder or manifest missing), DataError (not JSON, not the structure
+    of a manifest: ``validate_manifest``, or a URL that cannot be read) or UserError (a URL scheme
+    whose fsspec package is not installed), each one line.
     """
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise FileNotFoundError(f"data folder not found: {data_dir} (render it with `python -m pipeline render`)")
-    path = data_dir / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"no manifest.json in {data_dir}: not a rendered dataset, or its render did not finish")
+    if is_url(data_dir):
+        path = join(data_dir, MANIFEST)
+        try:
+            with open_location(path) as f:
+                raw = f.read()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no manifest.json at {as_location(data_dir)}: not a rendered dataset, "
+                                    "or its render did not finish") from None
+        except (OSError, http.client.HTTPException) as e:
+            raise DataError(f"{path}: unreadable ({_one_line(e)})") from None
+    else:
+        data_dir = Path(data_dir)
+        if not data_dir.is_dir():
+            raise FileNotFoundError(f"data folder not found: {data_dir} (render it with `python -m pipeline render`)")
+        path = data_dir / MANIFEST
+        if not path.is_file():
+            raise FileNotFoundError(f"no manifest.json in {data_dir}: not a rendered dataset, "
+                                    "or its render did not finish")
+        raw = path.read_bytes()
     try:
-        obj = json.loads(path.read_bytes())
+        obj = json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise DataError(f"{path}: not valid JSON ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     return Manifest.from_json(obj, path)
+
+
+# ----------------------------------------------------------------------------- locations: folders and URLs
+
+
+URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # "<scheme>://": a dataset read over a URL, not a folder
+FSSPEC_PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs",
+                   "abfss": "adlfs", "hf": "huggingface_hub", "sftp": "paramiko", "ssh": "paramiko"}
+URL_TIMEOUT = 60.0  # seconds without an answer from an http(s) server before a read fails
+SPOOL_BYTES = 128 * 2 ** 20  # a shard fetched from a URL is held in memory up to this size, then in a temp file
+_FETCH_BLOCK = 2 ** 20
+
+
+def is_url(location) -> bool:
+    """``location`` is a URL string (``<scheme>://...``: http, https, s3, gs, memory, file, ...)
+    rather than a local folder or file."""
+    return isinstance(location, str) and bool(URL.match(location))
+
+
+def as_location(location: str | Path) -> Path | str:
+    """A dataset location as the readers keep it: a URL string without a trailing '/', or a Path."""
+    return location.rstrip("/") if is_url(location) else Path(location)
+
+
+def join(base: str | Path, name: str) -> Path | str:
+    """``base/name`` for a folder (a Path) or a URL (a string; ``name`` is a relative POSIX path)."""
+    return f"{base.rstrip('/')}/{name}" if is_url(base) else Path(base) / name
+
+
+def location_name(location: str | Path) -> str:
+    """The last component of a path or of a URL's path (a shard's file name)."""
+    if is_url(location):
+        return urllib.parse.urlsplit(location).path.rstrip("/").rsplit("/", 1)[-1]
+    return Path(location).name
+
+
+def open_location(location: str | Path):
+    """A binary file object reading ``location``: a local file; an http(s) URL (urllib, standard
+    library; a 404 is FileNotFoundError, other HTTP or network failures OSError); any other URL
+    through fsspec (``fsspec.open``), when fsspec and that scheme's package (s3fs for s3://, gcsfs
+    for gs://, ...) are installed, else a one-line UserError saying which to install."""
+    if not is_url(location):
+        return open(location, "rb")
+    scheme = location.split("://", 1)[0].lower()
+    if scheme in ("http", "https"):
+        try:
+            return urllib.request.urlopen(location, timeout=URL_TIMEOUT)  # noqa: S310 - http(s) only
+        except urllib.error.HTTPError as e:
+            if e.code == 404:
+                raise FileNotFoundError(f"{location}: not found (HTTP 404)") from None
+            raise OSError(f"HTTP {e.code} {e.reason}") from None
+        except urllib.error.URLError as e:
+            raise OSError(f"cannot reach {location} ({e.reason})") from None
+    package = FSSPEC_PACKAGES.get(scheme)
+    try:
+        import fsspec
+    except ImportError:
+        raise UserError(f"install fsspec{f' and {package}' if package else ''} to read {scheme}:// URLs") from None
+    try:
+        return fsspec.open(location, "rb").open()
+    except ImportError as e:
+        raise UserError(f"install {package or 'the fsspec filesystem package'} to read {scheme}:// URLs "
+                        f"({_one_line(e)})") from None
+    except ValueError as e:  # fsspec: "Protocol not known"
+        raise UserError(f"{location}: fsspec cannot read {scheme}:// URLs ({_one_line(e)})") from None
+
+
+def read_location(location: str | Path) -> bytes:
+    """The whole content of a file or URL (``open_location``)."""
+    with open_location(location) as f:
+        return f.read()
+
+
+def _fetch_checked(location: str, label: str, sha256: str | None):
+    """Fetch a URL into a SpooledTemporaryFile (memory up to SPOOL_BYTES, then a temp file),
+    hashing while fetching; DataError if the digest is not ``sha256``. Returns the file, at 0."""
+    spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)
+    try:
+        digest = hashlib.sha256()
+        with open_location(location) as src:
+            while block := src.read(_FETCH_BLOCK):
+                digest.update(block)
+                spool.write(block)
+        if sha256 is not None and digest.hexdigest() != sha256:
+            raise DataError(f"{label}: sha256 differs from the manifest")
+        spool.seek(0)
+        return spool
+    except DataError:
+        spool.close()
+        raise
+    except (OSError, http.client.HTTPException) as e:  # FileNotFoundError (404) included
+        spool.close()
+        raise DataError(f"{label}: unreadable ({_one_line(e)})") from None
+    except BaseException:
+        spool.close()
+        raise
 
 
 # ----------------------------------------------------------------------------- shards
@@ -452,11 +575,22 @@ def iter_shard(path: str | Path, *, label: str | None = None, sha256: str | None
 
     A sample missing a member is yielded as it is (``decode_sample`` refuses it): it is one bad
     sample, and a reader that skips bad samples reads on; what is refused here ends the shard.
+
+    ``path`` may be a URL (``is_url``; ``open_location`` reads it): the shard is then fetched
+    whole into memory (a temporary file past SPOOL_BYTES) and hashed on the way in, one pass over
+    the network, then read from there like a local file. Streaming it through tarfile's "r|" mode
+    would read it once too, but a digest known only at the end breaks the guarantee above.
     """
-    path = Path(path)
+    url = is_url(path)
+    path = path if url else Path(path)
     label = str(path) if label is None else label
-    if not SHARD_FILE.fullmatch(path.name):
+    name = location_name(path)
+    if not SHARD_FILE.fullmatch(name):
         raise DataError(f"{label}: not a shard file name (<split>-NNNNNN.tar)")
+    if url:
+        with _fetch_checked(path, label, sha256) as f:
+            yield from _tar_samples(f, label, name[:-len(".tar")], samples, first)
+        return
     try:
         f = open(path, "rb")
     except OSError as e:
@@ -779,18 +913,20 @@ def check_tree(root: str | Path, recorded: list[dict], label: str) -> list[str]:
 # ----------------------------------------------------------------------------- writing
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file next to ``path`` (``.<name>.tmp-<pid>``, which
-    is_temporary recognizes), fsync it and rename it over ``path``: readers see the old file or
-    the whole new one, never a part. On any failure (a full disk, Ctrl-C) the temporary file is
-    removed. The one atomic writer of the project: shards, manifests, run folders."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # gone already after a successful replace
+def wids_file(split: str) -> str:
+    """``<split>.wids.json``: the shard list of ``split`` for webdataset's ``wids``, beside the manifest."""
+    _check_numbers(split)
+    return f"{split}{WIDS_SUFFIX}"
+
+
+def wids_index(manifest: Mapping, split: str) -> bytes:
+    """The bytes of ``<split>.wids.json``: the dataset description ``wids.ShardListDataset`` reads
+    (it refuses manifest.json: "No wids_version"): {"wids_version": 1, "name": "<dataset>-<split>",
+    "shardlist": [{"url": shard file, relative to the list's folder (wids resolves it against the
+    list's own path or URL), "nsamples"}, ...]} in shard order. Sorted keys, fixed indent: the same
+    manifest gives the same bytes (a render writes it before the manifest). No sizes or digests:
+    the manifest keeps those, and wids uses them only in a log line."""
+    shards = manifest["splits"][split]["shards"]
+    obj = {"wids_version": 1, "name": f"{manifest['name']}-{split}",
+           "shardlist": [{"url": e["file"], "nsamples": e["samples"]} for e in shards]}
+    return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()

@@ -3,12 +3,14 @@
 Every read goes through pipeline.format: the manifest is read and validated by ``read_manifest``,
 shards are read by ``iter_shard`` (regular members of this shard only) and samples decoded by
 ``decode_sample`` (shapes against the manifest before anything is allocated); a problem is one
-DataError line.
+DataError line. The summary and the contact sheet also read a dataset URL (http(s), or any fsspec
+URL: ``pipeline.format.open_location``); verify reads local folders only.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import http.client
 import json
 import os
 from pathlib import Path
@@ -17,8 +19,11 @@ import numpy as np
 import zarr
 from PIL import Image, ImageDraw
 
-from pipeline.format import (LOCK, MANIFEST, PLAN, DataError, Manifest, ShardEntry, check_tree, decode_sample,
-                             is_temporary, iter_shard, parse_key, read_manifest, shard_file, stats_file)
+from common.errors import UserError, one_line
+from common.files import atomic_path
+from pipeline.format import (LOCK, MANIFEST, PLAN, DataError, Manifest, ShardEntry, as_location, check_tree,
+                             decode_sample, is_temporary, is_url, iter_shard, join, parse_key, read_location,
+                             read_manifest, shard_file, stats_file, wids_file, wids_index)
 
 
 def read_sample(data_dir: str | Path, key: str, manifest: Manifest | None = None) -> dict:
@@ -31,13 +36,13 @@ def read_sample(data_dir: str | Path, key: str, manifest: Manifest | None = None
     """
     split, shard, _ = parse_key(key)
     man = manifest if manifest is not None else read_manifest(data_dir)
-    tar_path = Path(data_dir) / shard_file(split, shard)
-    if not tar_path.is_file():
+    tar_path = join(as_location(data_dir), shard_file(split, shard))
+    if not is_url(tar_path) and not tar_path.is_file():
         raise FileNotFoundError(f"{tar_path}: no such shard")
     for raw in iter_shard(tar_path):
         if raw["__key__"] == key:
             return decode_sample(raw, str(tar_path), man.frames, man.size)
-    raise DataError(f"sample {key} is not in {tar_path.name}")
+    raise DataError(f"sample {key} is not in {shard_file(split, shard)}")
 
 
 def _quantiles(values: list[float]) -> str:
@@ -59,7 +64,7 @@ def summary(data_dir: str | Path) -> str:
         skipped = ", ".join(f"{v['count']} {r}" for r, v in s.skipped.items()) or "none"
         lines.append(f"{split:<8}{s.source[:21]:<22}{len(s.shards):>7}{s.samples:>9}{size:>9.1f}  {skipped}")
         for entry in s.shards:
-            st = json.loads((Path(data_dir) / stats_file(split, entry.shard)).read_text())
+            st = json.loads(_read(join(as_location(data_dir), stats_file(split, entry.shard))))
             blur += st["blur_px"]
             noise += st["noise_std_mid_grey"]
     lines.append("quantiles (min 10% 50% 90% max):")
@@ -78,23 +83,56 @@ def _caption(params: dict) -> list[str]:
             f"radius per frame {', '.join(f'{r:.1f}' for r in params['kernel_radius_px'])}"]
 
 
+def _read(location) -> bytes:
+    """A small file of the dataset (a stats file, zarr metadata), local or over a URL; DataError if unreadable."""
+    try:
+        return read_location(location)
+    except (OSError, http.client.HTTPException) as e:  # FileNotFoundError (an HTTP 404) included
+        raise DataError(f"{location}: unreadable ({type(e).__name__}: {one_line(e)})") from None
+
+
+def _kernel_row(data_dir, man: Manifest, split: str, row, key: str) -> np.ndarray:
+    """float32 (frames, K, K): row ``row`` of kernels.zarr/<split>. Over a URL, the zarr metadata
+    and the chunks of that row (the manifest's kernel_files under <split>/c/<chunk>/) are fetched
+    into a temporary folder and read there with zarr: the zarr store of a URL would need fsspec's
+    asynchronous http filesystem (aiohttp), which the project does not install."""
+    import tempfile
+
+    if not is_url(data_dir):
+        kernels = zarr.open_group(str(Path(data_dir) / man.kernels), mode="r")[split]
+        if type(row) is not int or not 0 <= row < kernels.shape[0]:
+            raise DataError(f"sample {key}: json kernel_row {row!r} is not a row of {man.kernels}/{split}")
+        return np.asarray(kernels[row])
+    base = join(as_location(data_dir), man.kernels)
+    meta = json.loads(_read(f"{base}/{split}/zarr.json"))
+    rows = meta["chunk_grid"]["configuration"]["chunk_shape"][0]
+    if type(row) is not int or not 0 <= row < meta["shape"][0]:
+        raise DataError(f"sample {key}: json kernel_row {row!r} is not a row of {man.kernels}/{split}")
+    prefix = f"{split}/c/{row // rows}/"
+    wanted = ["zarr.json", f"{split}/zarr.json"] + [e["file"] for e in man.kernel_files or ()
+                                                     if e["file"].startswith(prefix)]
+    with tempfile.TemporaryDirectory() as tmp:
+        for rel in wanted:
+            (Path(tmp) / rel).parent.mkdir(parents=True, exist_ok=True)
+            (Path(tmp) / rel).write_bytes(_read(f"{base}/{rel}"))
+        return np.asarray(zarr.open_group(tmp, mode="r")[split][row])
+
+
 def contact_sheet(data_dir: str | Path, split: str | None = None, index: int | None = None,
                   key: str | None = None, out: str | Path | None = None) -> Path:
     """Write target | every frame, with every kernel enlarged beneath, and a caption.
 
     The sample is ``key``, or sample ``index`` of ``split`` (default: the manifest's first split);
-    an unknown split or an index out of range is a DataError (one line)."""
+    an unknown split or an index out of range is a DataError (one line). ``data_dir`` may be a
+    dataset URL; ``out`` then defaults to ``<key>.png`` in the current folder."""
     man = read_manifest(data_dir)
     if key is None:
         key = man.key(split or next(iter(man.splits)), index)
     split = man.split(parse_key(key).split).name
     sample = read_sample(data_dir, key, man)
     params = sample["params"]
-    kernels = zarr.open_group(str(Path(data_dir) / man.kernels), mode="r")[split]
     row = params.get("kernel_row")
-    if type(row) is not int or not 0 <= row < kernels.shape[0]:
-        raise DataError(f"sample {key}: json kernel_row {row!r} is not a row of {man.kernels}/{split}")
-    kern = np.asarray(kernels[row])
+    kern = _kernel_row(data_dir, man, split, row, key)
     burst, target = sample["burst"], sample["target"]
     F, S = burst.shape[0], burst.shape[1]
     pad, text_h = 4, 46
@@ -110,10 +148,9 @@ def contact_sheet(data_dir: str | Path, split: str | None = None, index: int | N
     draw.text((pad, pad + S + pad), "target | frames\nkernels (sqrt) below", fill="black")
     for j, line in enumerate(_caption(params)):
         draw.text((pad, pad + 2 * (S + pad) + 2 + 14 * j), line, fill="black")
-    out = Path(out) if out else Path(data_dir) / f"{key}.png"
-    tmp = out.with_name(f".{out.name}.tmp")
-    sheet.save(tmp, format="png")
-    tmp.replace(out)
+    out = Path(out) if out else Path(f"{key}.png") if is_url(data_dir) else Path(data_dir) / f"{key}.png"
+    with atomic_path(out) as tmp:
+        sheet.save(tmp, format="png")
     return out
 
 
@@ -133,6 +170,9 @@ def check_dataset(data_dir: str | Path) -> Report:
     """Check a dataset folder against its manifest: every shard (``check_shard``), every file of
     kernels.zarr (size and sha256, when the manifest records them), and files that are not part
     of the dataset (``stray_files``). Raises FileNotFoundError / DataError for a bad manifest."""
+    if is_url(data_dir):
+        raise UserError(f"verify reads a local dataset folder, not a URL ({data_dir}): download the folder "
+                        "and verify it there (training and evaluation check each shard's sha256 over a URL)")
     data_dir = Path(data_dir)
     man = read_manifest(data_dir)
     errors, warnings = [], []
@@ -182,12 +222,21 @@ def stray_files(data_dir: Path, man: Manifest) -> tuple[list[str], list[str]]:
     (errors, warnings). Errors: temporary files of unfinished writes (ours, zarr's), the plan file
     of an unfinished render, tars the manifest does not list; a finished dataset holds none.
     Warnings: any other file (a contact sheet written into the folder, notes). The render lock
-    (``.render.lock``) is ignored; files inside kernels.zarr are ``check_tree``'s."""
+    (``.render.lock``) is ignored; files inside kernels.zarr are ``check_tree``'s. The shard lists
+    ``<split>.wids.json`` are part of the dataset: one that differs from what the manifest implies
+    (``wids_index``) is an error, a missing one (a folder rendered before they existed) a warning."""
     listed = {MANIFEST, LOCK}
     for s in man.splits.values():
         for e in s.shards:
             listed |= {e.file, stats_file(e.split, e.shard)}
     errors, warnings = [], []
+    for split in man.splits:  # the shard lists for wids: derived from the manifest, so checked against it
+        name = wids_file(split)
+        listed.add(name)
+        if not (data_dir / name).is_file():
+            warnings.append(f"{name}: missing (webdataset's wids reads it; render the dataset again to write it)")
+        elif (data_dir / name).read_bytes() != wids_index(man, split):
+            errors.append(f"{name}: does not match the manifest's shards of split '{split}'")
     kernels = man.kernels
     for folder, dirs, files in os.walk(data_dir):
         rel_dir = Path(folder).relative_to(data_dir)

@@ -20,12 +20,13 @@ import multiprocessing as mp
 import os
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import zarr
 from tqdm import tqdm
@@ -35,8 +36,9 @@ from common.errors import UserError
 from pipeline import sources
 from pipeline.config import DEFAULT_MAX_WORKER_GB, ShardConfig, check_worker_memory, config_hash, to_dict
 from pipeline.lock import LockHeld, RenderLock
-from pipeline.format import (FORMAT, KERNELS, MANIFEST, MEMBER_TYPES, PLAN, STATS_DIR, atomic_write_bytes,
-                             is_temporary, tree_checksums, validate_manifest)
+from pipeline.format import (FORMAT, KERNELS, MANIFEST, MEMBER_TYPES, PLAN, STATS_DIR, WIDS_SUFFIX,
+                             atomic_write_bytes, is_temporary, tree_checksums, validate_manifest, wids_file,
+                             wids_index)
 from pipeline.shards import ShardJob, stats_path, write_shard
 
 log = logging.getLogger("pipeline")
@@ -82,7 +84,7 @@ def is_done(job: ShardJob) -> bool:
 
 def _remove_outputs(out_dir: Path) -> None:
     """Delete what a previous render wrote (and only that)."""
-    for pattern in ("*.tar", ".*.tmp-*", MANIFEST, PLAN):
+    for pattern in ("*.tar", ".*.tmp-*", f"*{WIDS_SUFFIX}", MANIFEST, PLAN):
         for p in out_dir.glob(pattern):
             p.unlink()
     for name in (STATS_DIR, KERNELS):
@@ -222,9 +224,45 @@ def _count_failure(pending: dict, job: ShardJob, why: str, retries: int) -> None
         raise RenderError(f"shard {job.file} failed {pending[job]} times: {why}")
 
 
-def start_ray(workers: int, address: str | None = None):
-    """Start (or join, with ``address``) Ray quietly: no dashboard, no usage stats, no worker logs
-    forwarded to this terminal. Returns the ray module."""
+RAY_PORT = 6379  # the port of `ray start --head` when it is given none
+
+
+def code_runtime_env() -> dict:
+    """The Ray runtime environment of a render on a cluster: this driver's ``pipeline`` and
+    ``common`` packages (whether a checkout or installed), shipped to every worker by Ray. The
+    workers then run the very code whose ``code_version`` the shards record, and a node needs only
+    the same Python packages (requirements.txt), not a copy of this project."""
+    root = Path(pipeline.__file__).resolve().parent.parent
+    return {"py_modules": [str(root / "pipeline"), str(root / "common")],
+            "excludes": ["__pycache__", "*.pyc"]}
+
+
+def _connection_advice(address: str) -> str:
+    return (f"check that the cluster runs (`ray status` on its head node), the address (host:port of the "
+            f"head node, port {RAY_PORT} unless `ray start --head --port` set another; 'auto' only on a "
+            "node of the cluster) and, if the cluster uses token authentication, that this machine has "
+            "its token (RAY_AUTH_MODE=token and RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)")
+
+
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    """Fail at once, with one line, when nothing listens at ``host[:port]``: ray.init would retry
+    such an address for ever. 'auto' and ray:// (Ray Client) addresses are left to Ray."""
+    if address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":") if ":" in address else (address, "", str(RAY_PORT))
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as e:
+        raise RenderError(f"cannot reach the Ray cluster at {address} ({type(e).__name__}: {e}); "
+                          + _connection_advice(address)) from None
+
+
+def start_ray(workers: int | None, address: str | None = None):
+    """Start a local Ray with ``workers`` CPUs (None: every CPU), or join the cluster at
+    ``address`` (host:port or 'auto'; the cluster's own CPUs, and the code shipped through
+    ``code_runtime_env``), quietly: no dashboard, no usage stats, no worker logs forwarded to this
+    terminal. Says what it does first (it takes seconds). Returns the ray module. A cluster that
+    cannot be reached is a RenderError saying what to check."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
@@ -235,65 +273,104 @@ def start_ray(workers: int, address: str | None = None):
                   configure_logging=True)
     on_sigterm = signal.getsignal(signal.SIGTERM)
     if address:
-        ray.init(address=address, **kwargs)
+        log.info("connecting to the Ray cluster at %s ...", address)
+        _check_reachable(address)
+        try:  # never num_cpus: a cluster has its own (Ray refuses it when joining)
+            ray.init(address=address, runtime_env=code_runtime_env(), **kwargs)
+        except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as e:
+            text = str(e).strip().splitlines()
+            raise RenderError(f"cannot connect to the Ray cluster at {address} "
+                              f"({text[0] if text else type(e).__name__}); {_connection_advice(address)}") from None
     else:
+        log.info("starting Ray (local, %d CPUs) ...", workers or os.cpu_count() or 1)
         ray.init(num_cpus=workers, **kwargs)
     if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, on_sigterm)  # ray.init sets its own (sys.exit); keep the caller's
     return ray
 
 
-def _ray_map(jobs: list[ShardJob], workers: int, retries: int, address: str | None
-             ) -> Iterable[tuple[ShardJob, dict]]:
-    """One Ray task per shard; Ray retries failed tasks and tasks of dead workers. An already
-    initialized Ray (e.g. started by the caller) is used as it is and left running. Ray started
-    here is shut down on every way out: the end, an error, Ctrl-C or SIGTERM (both unwind through
-    the finally), or the caller closing this generator."""
-    if not jobs:
-        return
+def ray_cluster_size(ray) -> tuple[int, int]:
+    """(alive nodes, CPUs) of the Ray this driver is connected to."""
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    return nodes, int(ray.cluster_resources().get("CPU", 0))
+
+
+@contextlib.contextmanager
+def ray_session(workers: int | None, address: str | None) -> Iterator[str]:
+    """Ray for one render: started (or joined) here and shut down on every way out (the end, an
+    error, Ctrl-C or SIGTERM: both unwind through the finally). An already initialized Ray (e.g.
+    started by the caller) is used as it is and left running. Yields what the log calls it:
+    "Ray, N node(s), C CPUs"."""
     import ray
 
     started = not ray.is_initialized()
     try:
         if started:
             start_ray(workers, address)
-        task = ray.remote(num_cpus=1, max_retries=retries, retry_exceptions=True)(write_shard)
-        refs = {task.remote(job): job for job in jobs}
-        waiting = list(refs)
-        while waiting:
-            done, waiting = ray.wait(waiting, num_returns=1)
-            for ref in done:
-                try:
-                    stats = ray.get(ref)
-                except Exception as e:  # noqa: BLE001 - after Ray's own retries
-                    for r in waiting:
-                        ray.cancel(r, force=True)
-                    cause = getattr(e, "cause", None) or e
-                    raise RenderError(f"shard {refs[ref].file} failed after {retries + 1} tries: "
-                                      f"{type(cause).__name__}: {str(cause).splitlines()[0]}") from None
-                yield refs[ref], stats
+        nodes, cpus = ray_cluster_size(ray)
+        if cpus < 1:
+            raise RenderError("the Ray cluster has no CPUs: every shard needs one (`ray status` lists them)")
+        where = f"Ray, {nodes} node{'s' if nodes != 1 else ''}, {cpus} CPUs"
+        cap = f"; at most {workers} shards at a time (--workers)" if workers and workers < cpus else ""
+        log.info("%s%s", where, cap)
+        yield where
     finally:
         if started:
             ray.shutdown()
 
 
+def _ray_map(jobs: list[ShardJob], workers: int | None, retries: int) -> Iterable[tuple[ShardJob, dict]]:
+    """One Ray task per shard on the Ray this driver is connected to (ray_session), at most
+    ``workers`` in flight (None: as many as the cluster takes); Ray retries failed tasks and
+    tasks of dead workers. Tasks still running when this generator stops (an error, Ctrl-C, the
+    caller closing it) are cancelled."""
+    import ray
+
+    task = ray.remote(num_cpus=1, max_retries=retries, retry_exceptions=True)(write_shard)
+    queue, refs = list(jobs), {}
+    limit = workers or len(jobs)
+    try:
+        while queue or refs:
+            while queue and len(refs) < limit:
+                job = queue.pop(0)
+                refs[task.remote(job)] = job
+            done, _ = ray.wait(list(refs), num_returns=1)
+            for ref in done:
+                job = refs.pop(ref)
+                try:
+                    stats = ray.get(ref)
+                except Exception as e:  # noqa: BLE001 - after Ray's own retries
+                    cause = getattr(e, "cause", None) or e
+                    raise RenderError(f"shard {job.file} failed after {retries + 1} tries: "
+                                      f"{type(cause).__name__}: {str(cause).splitlines()[0]}") from None
+                yield job, stats
+    finally:
+        for ref in refs:
+            ray.cancel(ref, force=True)
+
+
 # ----------------------------------------------------------------------------- the run
 
 
-def render_dataset(cfg: ShardConfig, out_dir: str | Path, workers: int = 1, engine: str = "local",
+def render_dataset(cfg: ShardConfig, out_dir: str | Path, workers: int | None = 1, engine: str = "local",
                    address: str | None = None, overwrite: bool = False, retries: int = 2,
                    progress: bool = True, max_worker_gb: float | None = DEFAULT_MAX_WORKER_GB) -> dict:
     """Render (or resume) the dataset of ``cfg`` into ``out_dir``; return the manifest.
 
+    ``workers``: shards rendered at once (None: one per CPU of this machine, or of the Ray
+    cluster at ``address``). With ``address`` (engine "ray") the render joins that cluster and
+    ``workers`` only caps the shards in flight; ``out_dir`` must then be a path every node sees.
     Refuses (ConfigError) before any work a config whose estimated memory per worker is over
     ``max_worker_gb`` GiB (None: no limit); see pipeline.config.worker_memory.
     Holds ``out_dir/.render.lock`` while it runs (pipeline.lock): a render of a folder that a live
     render holds is refused before any work (RenderError naming the holder), even with ``overwrite``."""
     if engine not in ("ray", "local"):
         raise RenderError(f"unknown engine '{engine}' (use 'ray' or 'local')")
-    if workers < 1:
+    if workers is not None and workers < 1:
         raise RenderError(f"--workers must be >= 1, got {workers}")
     check_worker_memory(cfg, max_worker_gb)
+    if engine == "ray" and address:
+        _check_reachable(address)  # before any work: a typo in the address writes nothing
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise RenderError(f"output path exists and is not a folder: {out_dir}")
@@ -313,7 +390,7 @@ def render_dataset(cfg: ShardConfig, out_dir: str | Path, workers: int = 1, engi
                 out_dir.rmdir()
 
 
-def _render(cfg: ShardConfig, out_dir: Path, workers: int, engine: str, address: str | None,
+def _render(cfg: ShardConfig, out_dir: Path, workers: int | None, engine: str, address: str | None,
             overwrite: bool, retries: int, progress: bool) -> dict:
     """The render proper, run while holding the folder's lock."""
     chash, version = config_hash(cfg), code_version()
@@ -333,27 +410,31 @@ def _render(cfg: ShardConfig, out_dir: Path, workers: int, engine: str, address:
     if len(todo) < len(jobs):
         log.info("resuming: %d of %d shards already done", len(jobs) - len(todo), len(jobs))
     t0 = time.perf_counter()
-    bar = tqdm(total=total, unit="burst", disable=not progress, dynamic_ncols=True,
-               desc=f"render {cfg.dataset.name}", file=sys.stderr)
     mapper: Callable = _ray_map if engine == "ray" else _local_map
-    args = (todo, workers, retries, address) if engine == "ray" else (todo, workers, retries)
-    # closing: on an error or Ctrl-C in this loop the pool or Ray stops now, not when collected
-    with bar, contextlib.closing(mapper(*args)) as results:
-        for done_shards, (job, stats) in enumerate(results, start=1):
-            bar.update(stats["samples"])
-            bar.set_postfix(shards=f"{done_shards}/{len(todo)}")
+    # Ray starts (seconds, and says so) before the bar; it stops after the mapper has stopped
+    session = (ray_session(workers, address) if engine == "ray" and todo
+               else contextlib.nullcontext(f"{workers or os.cpu_count()} workers"))
+    with session as where:
+        bar = tqdm(total=total, unit="burst", disable=not progress, dynamic_ncols=True,
+                   desc=f"render {cfg.dataset.name}", file=sys.stderr)
+        # closing: on an error or Ctrl-C in this loop the pool or Ray stops now, not when collected
+        with bar, contextlib.closing(mapper(todo, workers, retries)) as results:
+            for done_shards, (job, stats) in enumerate(results, start=1):
+                bar.update(stats["samples"])
+                bar.set_postfix(shards=f"{done_shards}/{len(todo)}")
     seconds = time.perf_counter() - t0
     # a finished dataset holds no temporary files; swept before the manifest lists kernels.zarr's
     stray = remove_temporary_files(out_dir)
     if stray:
         log.info("removed %d temporary file(s) left by failed or killed workers", stray)
     manifest = build_manifest(cfg, out_dir, chash, version, jobs, split_sources)
+    for split in manifest["splits"]:  # for webdataset's wids; before the manifest, which is written last
+        atomic_write_bytes(out_dir / wids_file(split), wids_index(manifest, split))
     manifest_text = json.dumps(manifest, indent=1, sort_keys=True).encode()
     atomic_write_bytes(out_dir / MANIFEST, manifest_text)
     (out_dir / PLAN).unlink(missing_ok=True)
     if total:
-        log.info("rendered %d bursts in %.1f s (%.1f bursts/s with %d workers)", total, seconds,
-                 total / seconds, workers)
+        log.info("rendered %d bursts in %.1f s (%.1f bursts/s with %s)", total, seconds, total / seconds, where)
     return manifest
 
 

@@ -64,16 +64,7 @@ def wait_for(cond, what: str):
 
 def children(pid: int) -> dict[int, str]:
     """Live (not zombie) child processes of ``pid``: {pid: start time}, from /proc."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid and fields[0] != "Z":
-                found[int(entry.name)] = fields[19]
-    return found
+    return {p: start for p, (ppid, _, start) in proc_table().items() if ppid == pid}
 
 
 def cmdline(pid: int) -> bytes:
@@ -305,3 +296,137 @@ def test_a_failed_shard_leaves_no_temporary_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space"):
         pipeline_format.atomic_write_bytes(tmp_path / "x.json", b"{}")
     assert not temporary_files(tmp_path) and not (tmp_path / "x.json").exists()
+
+
+# ----------------------------------------------------------------------------- the Ray engine
+
+# a CLI render on a local Ray instance of one worker, held at its first shard (PIPELINE_HOLD) until
+# the test signals it: 4 shards, so the run cannot finish first however fast the machine
+RAY = ["render", "--config", "configs/shards/default.toml", "--engine", "ray", "--workers", "1",
+       "--quiet", "--set", "dataset.size=48", "--set", "dataset.kernel_size=15",
+       "--set", "kernels.scale_max=2.5", "--set", "splits.train.samples=8",
+       "--set", "splits.train.samples_per_shard=4", "--set", "splits.val.samples=2",
+       "--set", "splits.test.samples=2"]
+RAY_CORE = (b"gcs_server", b"raylet", b"ray::write_shard")  # besides its Python helpers
+RAY_AGENTS = (b"ray::DashboardAgent", b"ray::RuntimeEnvAgent")  # raylet's children
+
+
+def proc_table() -> dict[int, tuple[int, int, str]]:
+    """Live (not zombie) processes: {pid: (ppid, session id, start time)}, from /proc."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z":
+                table[int(entry.name)] = (int(fields[1]), int(fields[3]), fields[19])
+    return table
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """Live descendants of ``pid`` (children, theirs, ...): {pid: start time}, by ppid chains."""
+    table, found, parents = proc_table(), {}, [pid]
+    while parents:
+        parent = parents.pop()
+        for child, (ppid, _, start) in table.items():
+            if ppid == parent and child not in found:
+                found[child] = start
+                parents.append(child)
+    return found
+
+
+def in_session(sid: int) -> dict[int, str]:
+    """Live processes of session ``sid`` ({pid: start time}): those that Ray started after the
+    test looked, or that were orphaned (reparented) since, are still in the driver's session."""
+    return {pid: start for pid, (_, s, start) in proc_table().items() if s == sid and pid != sid}
+
+
+def program(pid: int) -> bytes:
+    """A process's name as ``ps`` shows it: the base name of argv[0] (Ray's processes set theirs)."""
+    return os.path.basename(cmdline(pid).split(b"\0")[0])
+
+
+def pipe_holders(*streams) -> set[int]:
+    """Processes other than this one with an fd open on the pipes of ``streams`` (either end)."""
+    pipes = {f"pipe:[{os.fstat(s.fileno()).st_ino}]" for s in streams}
+    holders = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if any(os.readlink(fd) in pipes for fd in (entry / "fd").iterdir()):
+                    holders.add(int(entry.name))
+            except OSError:  # gone, or not ours to read (then it cannot hold our pipes)
+                continue
+    return holders
+
+
+def start_held_ray_render(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+    out, held = tmp_path / "d", tmp_path / "held"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a local instance, ours
+    env["PIPELINE_HOLD"] = f"train-000000.tar:{held}"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *RAY, "--out", str(out)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for(lambda: held.exists() or proc.poll() is not None, "the held shard")
+    assert proc.poll() is None, f"the render ended early: {proc.communicate()}"
+    return proc, out
+
+
+def ray_processes(proc: subprocess.Popen) -> dict[int, str]:
+    """What the driver started (a worker is rendering, so Ray is up): {pid: start time}."""
+    found = descendants(proc.pid)
+    names = {program(pid) for pid in found}
+    assert set(RAY_CORE) <= names, f"not a local Ray instance of the driver's: {sorted(names)}"
+    return found
+
+
+def kill_leftovers(proc: subprocess.Popen, recorded: dict[int, str]) -> None:
+    """SIGKILL what is left of a Ray render: the recorded processes (even reparented ones), the session."""
+    for pid, start in {**recorded, **in_session(proc.pid)}.items():
+        if alive(pid, start):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    kill_session(proc)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_sigterm_stops_a_ray_render_releases_the_lock_and_every_ray_process(tmp_path):
+    proc, out = start_held_ray_render(tmp_path)
+    started = {}
+    try:
+        started = ray_processes(proc)
+        os.kill(proc.pid, signal.SIGTERM)  # the driver only, as a scheduler's stop would
+        _, err = proc.communicate(timeout=DEADLINE_S)
+        assert not (out / LOCK_FILE).exists() and not (out / "manifest.json").exists(), err
+        # ray.shutdown() in _ray_map's finally: gcs_server, raylet, the workers and the agents
+        wait_for(lambda: not any(alive(pid, start) for pid, start in started.items())
+                 and not in_session(proc.pid), "the Ray processes to stop")
+        assert proc.returncode == 143, err
+        assert err.strip().splitlines()[-1].startswith("interrupted: finished shards are kept")
+    finally:
+        kill_leftovers(proc, started)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_ray_processes_die_with_a_sigkilled_driver_and_none_holds_its_pipes(tmp_path):
+    proc, out = start_held_ray_render(tmp_path)
+    started = {}
+    try:
+        started = ray_processes(proc)
+        agents = {pid for pid in started if program(pid) in RAY_AGENTS}
+        os.kill(proc.pid, signal.SIGKILL)  # no code of ours runs: only Ray's own fate-sharing
+        proc.wait(timeout=DEADLINE_S)
+        # gcs_server, raylet, the Python helpers (PR_SET_PDEATHSIG) and the workers (their raylet
+        # is gone) die; only raylet's two agents may be left, for up to a minute or two
+        wait_for(lambda: set(in_session(proc.pid)) <= agents
+                 and not any(alive(pid, start) for pid, start in started.items() if pid not in agents),
+                 "the Ray processes to die")
+        # whatever lingers does not hold the caller's pipes: reading them ends now, not with the agents
+        assert not pipe_holders(proc.stdout, proc.stderr)
+        proc.communicate(timeout=DEADLINE_S)
+        assert (out / LOCK_FILE).exists()  # stale now; the next run takes it over
+    finally:
+        kill_leftovers(proc, started)  # the agents too: the suite leaves no process behind

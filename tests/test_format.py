@@ -379,6 +379,9 @@ def test_same_config_gives_byte_identical_manifest_with_checksums(tmp_path):
         render_dataset(cfg, tmp_path / name, workers=workers, engine="local", progress=False)
     a, b = (tmp_path / "a" / "manifest.json").read_bytes(), (tmp_path / "b" / "manifest.json").read_bytes()
     assert a == b
+    for split in json.loads(a)["splits"]:  # the shard lists for wids beside it: the same bytes too
+        name = fmt.wids_file(split)
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     man = json.loads(a)
     assert man["kernel_files"] == tree_checksums(tmp_path / "a" / "kernels.zarr")
     assert {"train/c/0/0/0/0", "train/c/2/0/0/0", "test/c/1/0/0/0"} <= {e["file"] for e in man["kernel_files"]}

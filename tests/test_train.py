@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -108,7 +109,12 @@ def test_checkpoints_logs_and_exact_resume(tiny_shards, tmp_path):
 
     ckpt = torch.load(straight / "last.pt", map_location="cpu", weights_only=True)
     assert ckpt["step"] == 6 and ckpt["config"]["model"]["width"] == 4
-    assert set(ckpt) >= {"model", "config", "optimizer", "step", "best_val_psnr", "rng"}
+    assert set(ckpt) >= {"model", "config", "optimizer", "step", "best_val_psnr", "rng", "versions"}
+    # the software beside the config: plain strings (weights_only read them above)
+    from pipeline.run import code_version
+    assert ckpt["versions"]["code"] == code_version() and ckpt["versions"]["torch"] == str(torch.__version__)
+    assert set(ckpt["versions"]) == {"torch", "numpy", "python", "code"}
+    assert all(isinstance(v, str) for v in ckpt["versions"].values())
     assert math.isfinite(ckpt["best_val_psnr"])
     # the run folder: resolved config, summary, TensorBoard scalars and image grids
     assert load_train_config(straight / "config.toml").train.steps == 6
@@ -298,3 +304,31 @@ def test_validation_does_not_modify_float_targets():
     second, _ = train_mod.validate(model, val, [2], 2, torch.device("cpu"), contextlib.nullcontext, False)
     np.testing.assert_array_equal(val["targets"][2], before)
     assert first[2]["psnr"] == second[2]["psnr"]
+
+
+def test_ddp_on_two_nodes_without_a_shared_run_folder_is_one_error_line(tiny_shards, tmp_path):
+    """Two torchrun "nodes" on localhost (c10d rendezvous, one process each), each in its own
+    folder with a relative --out: the run folders differ, as on two machines without a shared
+    filesystem. Every rank stops at start-up with one line; no checkpoint is written anywhere.
+    (A shared --out is the 2-process test above: the same check passes there.)"""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    procs = []
+    for node in ("a", "b"):
+        (tmp_path / node).mkdir()
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=shared-out-test",
+               "-m", "trainer", "train", "--config", str(REPO / "configs/train/default.toml"), "--out", "run",
+               *tiny_sets(tiny_shards, steps=4)]
+        procs.append(subprocess.Popen(cmd, cwd=tmp_path / node, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    results = [p.communicate(timeout=240) for p in procs]
+    for p, (_, err) in zip(procs, results):
+        assert p.returncode != 0
+        lines = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert lines and "cannot see the run folder run that rank 0 on" in lines[0], err[-2000:]
+        assert "--out must be one path on a filesystem every node shares" in lines[0]
+    for node in ("a", "b"):
+        assert not list((tmp_path / node).rglob("*.pt"))

@@ -1,5 +1,7 @@
 """`python -m trainer {train,evaluate,deblur,export} ...`: a thin dispatcher to each command's main(argv).
 
+`--version` (here or after a command) prints the package and code version (common.version).
+
 User errors (bad config, missing files, bad input) from any command become one `error:` line on
 stderr and exit status 2.
 
@@ -13,6 +15,7 @@ import importlib
 import sys
 
 from common.errors import run_cli
+from common.version import version_text
 
 COMMANDS = {
     "train": ("trainer.train", "train the network on rendered shards"),
@@ -21,7 +24,7 @@ COMMANDS = {
     "export": ("trainer.export", "write a checkpoint's weights and config for inference"),
 }
 
-USAGE = "usage: python -m trainer {" + ",".join(COMMANDS) + "} [--help] ..."
+USAGE = "usage: python -m trainer [--version] {" + ",".join(COMMANDS) + "} [--help] ..."
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
         lines.append("\n`python -m trainer COMMAND --help` describes a command's options.")
         print("\n".join(lines), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
+    if argv[0] == "--version":
+        print(version_text())
+        return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         print(f"{USAGE}\nerror: unknown command '{command}' (choose from {', '.join(COMMANDS)})", file=sys.stderr)

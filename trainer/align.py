@@ -338,11 +338,18 @@ def align_burst(frames: Sequence[np.ndarray], reference: int | str = "auto", mot
     frames: RGB uint8 (H, W, 3), same size. reference: an index into ``frames`` or "auto" (the
     sharpest). Returns (aligned uint8 frames in the given order, reference index, per-frame
     Alignment, None for the reference). Raises AlignmentError naming the first frame that fails.
+    log: called with a line before each step that can take seconds (pyramids, the reference,
+    each frame's alignment as it is found, the warp).
     """
     names = list(names) if names is not None else [f"#{i}" for i in range(len(frames))]
     level = alignment_level(frames[0].shape[:2], align_size)
     workers = workers or min(len(frames), os.cpu_count() or 1)
+    say = log or (lambda message: None)
+    rows, cols = frames[0].shape[:2]
+    for _ in range(level):  # the size of pyramid level ``level`` (each halving keeps ceil(n / 2))
+        rows, cols = (rows + 1) // 2, (cols + 1) // 2
     with ThreadPoolExecutor(workers) as pool:
+        say(f"aligning {len(frames)} frames ({motion}) on grey copies at {cols}x{rows} px ...")
         pyramids = list(pool.map(lambda f: pyramid(gray(f), level), frames))
         if reference == "auto":
             ref = choose_reference([p[level] for p in pyramids])
@@ -351,6 +358,7 @@ def align_burst(frames: Sequence[np.ndarray], reference: int | str = "auto", mot
             if not -len(frames) <= ref < len(frames):
                 raise UserError(f"--reference {ref} is out of range for {len(frames)} frames")
             ref %= len(frames)
+        say(f"reference: {names[ref]} ({'the sharpest' if reference == 'auto' else '--reference'})")
 
         def one(i: int) -> Alignment | None:
             if i == ref:
@@ -360,13 +368,14 @@ def align_burst(frames: Sequence[np.ndarray], reference: int | str = "auto", mot
             except AlignmentError as e:
                 raise AlignmentError(f"frame {names[i]}: alignment to {names[ref]} failed: {e}") from None
 
-        alignments = list(pool.map(one, range(len(frames))))
+        alignments = []
+        for i, a in enumerate(pool.map(one, range(len(frames)))):  # in order, each as soon as it is done
+            alignments.append(a)
+            what = ("reference" if a is None
+                    else f"shift ({a.shift[0]:+.2f}, {a.shift[1]:+.2f}) px, ZNCC {a.correlation:.3f}")
+            say(f"align {names[i]}: {what}")
         del pyramids
-        if log:
-            for i, a in enumerate(alignments):
-                what = ("reference" if a is None
-                        else f"shift ({a.shift[0]:+.2f}, {a.shift[1]:+.2f}) px, ZNCC {a.correlation:.3f}")
-                log(f"align {names[i]}: {what}")
+        say(f"warping {len(frames) - 1} frames onto {names[ref]} at {frames[0].shape[1]}x{frames[0].shape[0]} px ...")
 
         def warp(i: int) -> np.ndarray:
             a = alignments[i]

@@ -17,8 +17,8 @@ leaves a half-written checkpoint (or config, or summary) where the complete one 
 
 from __future__ import annotations
 
-import os
 import pickle
+import platform
 import warnings
 from pathlib import Path
 from typing import Iterable
@@ -26,6 +26,7 @@ from typing import Iterable
 import torch
 
 from common.errors import UserError, one_line
+from common.files import atomic_path
 
 INFERENCE_KEYS = ("model", "config")  # what trainer.model.load needs
 TRAINING_KEYS = ("model", "optimizer", "step", "config")  # what --resume needs
@@ -49,13 +50,20 @@ def save_atomic(obj: dict, path: str | Path) -> None:
 
     ``obj`` should hold only what ``torch.load(weights_only=True)`` accepts (tensors, dicts,
     lists, numbers, strings), or ``load_checkpoint`` will refuse it."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+
+def software_versions() -> dict[str, str]:
+    """What a checkpoint records as "versions": torch, numpy, python and the pipeline's code
+    version (``pipeline.run.code_version``, as manifests record it). Strings only, so that
+    ``torch.load(weights_only=True)`` reads them."""
+    import numpy as np
+
+    from pipeline.run import code_version
+
+    return {"torch": str(torch.__version__), "numpy": str(np.__version__),
+            "python": platform.python_version(), "code": code_version()}
 
 
 # ----------------------------------------------------------------------------- reading

@@ -10,6 +10,8 @@ allocated, Pillow's decompression-bomb limit kept): nothing is ever unpickled. E
 shard (training, validation, evaluation) first checks its size and sha256 against the manifest
 (``split_shards``, ``read_shard``), so a flipped byte inside a burst is a bad shard, not silent
 noise. (webdataset's public ``WebDataset`` reads the same tars; the trainer does not need it.)
+The dataset may be a folder or a URL (http(s) with the standard library, s3://, gs://, ... through
+fsspec): the same reader fetches each shard whole, checks its sha256, then reads it.
 
 The training stream is a pure function of (seed, rank, step), so a resumed run sees exactly the
 batches it would have seen, and every DDP rank runs the same number of steps:
@@ -71,7 +73,7 @@ def _warn(message: str) -> None:
 class Shard:
     """One tar of a split, as the manifest lists it."""
 
-    path: Path
+    path: Path | str  # a URL string for a dataset read over a URL (pipeline.format.is_url)
     samples: int
     bytes: int
     first: int  # index in the split (key order) of the shard's first sample
@@ -79,7 +81,7 @@ class Shard:
 
     @property
     def name(self) -> str:
-        return self.path.name
+        return fmt.location_name(self.path)
 
 
 def stored_shape(manifest: Manifest) -> tuple[int, int]:
@@ -92,11 +94,19 @@ def split_shards(data_dir: str | Path, manifest: Manifest, split: str, on_bad_sh
 
     An unknown split raises DataError. A missing or wrong-size file raises DataError naming it,
     or with ``on_bad_shard="skip"`` is left out with a warning (the caller sees fewer shards).
+
+    ``data_dir`` may be a dataset URL (``pipeline.format.is_url``: http(s), or any fsspec URL): its
+    shards are then listed without asking the server for each; a missing, truncated or changed one
+    is found when it is read (``read_shard``: fetched whole and hashed before its first sample),
+    an error or, with "skip", a skipped shard counted by the reader.
     """
-    data_dir = Path(data_dir)
+    data_dir = fmt.as_location(data_dir)
     shards = []
     for entry in manifest.shards(split):
-        shard = Shard(data_dir / entry.file, entry.samples, entry.bytes, entry.first, entry.sha256)
+        shard = Shard(fmt.join(data_dir, entry.file), entry.samples, entry.bytes, entry.first, entry.sha256)
+        if fmt.is_url(data_dir):  # no request per shard up front: reading it checks its sha256 first
+            shards.append(shard)
+            continue
         if not shard.path.is_file():
             problem = f"shard {shard.path}: file missing"
         elif (size := shard.path.stat().st_size) != shard.bytes:

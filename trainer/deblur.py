@@ -29,9 +29,11 @@ import torch
 from PIL import Image
 
 from common.errors import UserError
+from common.files import atomic_path
+from common.version import add_version
 from trainer.align import align_burst, alignment_level
 from trainer.device import resolve_device
-from trainer.tiling import run_tiled
+from trainer.tiling import auto_overlap, run_tiled, tile_starts
 
 
 class DeblurInputError(UserError):
@@ -141,7 +143,8 @@ def deblur_frames(model: torch.nn.Module, frames: Sequence[np.ndarray], options:
     """The whole user path on loaded frames: align (unless ``options.align`` is False), then run_tiled.
 
     frames: RGB uint8 (H, W, 3) sRGB, same size. names: one per frame, for messages (default #i).
-    progress: a tile progress bar. log: called with one line per frame's alignment.
+    progress: a tile progress bar. log: called with a line before each step that can take seconds
+    (alignment, and its report per frame; the tiled run) and per frame's alignment.
     Returns float32 (H, W, 3) sRGB in [0, 1], in the reference frame's geometry.
     """
     device = torch.device(device)
@@ -156,7 +159,17 @@ def deblur_frames(model: torch.nn.Module, frames: Sequence[np.ndarray], options:
     frames = [frames[ref]] + [f for i, f in enumerate(frames) if i != ref]
     # one 512-px tile of 8 frames through the paper-size model takes ~6 GB in fp32 (measured on CPU)
     batch = options.batch or (2 if device.type == "cuda" else 1)
-    return run_tiled(model, frames, options.tile, options.overlap, device, batch, options.precision, progress)
+    overlap = options.overlap
+    if log:
+        cfg = getattr(model, "cfg", None)
+        if overlap is None and cfg is not None:
+            overlap = auto_overlap(cfg)  # what run_tiled would derive (measured once, cached)
+        (rows, cols), multiple = frames[0].shape[:2], getattr(cfg, "multiple", 1)
+        tiles = (len(tile_starts(rows, options.tile, overlap, multiple))
+                 * len(tile_starts(cols, options.tile, overlap, multiple))) if overlap is not None else "?"
+        log(f"deblurring {cols}x{rows} px, {len(frames)} frames: {tiles} tile(s) of up to {options.tile} px "
+            f"(overlap {overlap} px), {batch} per pass on {device} ...")
+    return run_tiled(model, frames, options.tile, overlap, device, batch, options.precision, progress)
 
 
 def check_output(out: Path, inputs: Sequence[str | Path]) -> None:
@@ -186,13 +199,9 @@ def save_image(image: np.ndarray, path: str | Path) -> None:
     if not path.parent.exists():
         raise FileNotFoundError(f"--out {path}: folder {path.parent} does not exist")
     pixels = np.clip(np.rint(np.asarray(image, np.float64) * 255), 0, 255).astype(np.uint8)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         kwargs = {"quality": 95} if fmt == "JPEG" else {}
         Image.fromarray(pixels, "RGB").save(tmp, format=fmt, **kwargs)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -226,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--align-size", type=int, default=1024,
                    help="alignment runs on a downscaled copy whose long side is at most this (default: 1024)")
     p.add_argument("--no-align", action="store_true", help="the frames are already aligned: skip alignment")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or per-frame report")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, per-frame report or step notes")
+    add_version(p)
     return p
 
 
@@ -244,7 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
 
     log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr))
-    model = load(default_checkpoint(args.checkpoint), device)
+    checkpoint = default_checkpoint(args.checkpoint)
+    if log:
+        log(f"loading {checkpoint} on {device} and reading {len(args.frames)} frames ...")
+    model = load(checkpoint, device)
     frames = load_frames(args.frames, log=log)
     check_frame_size(frames[0].shape, args.frames[0], options.align and len(frames) > 1, options.align_size)
     names = [Path(f).name for f in args.frames]

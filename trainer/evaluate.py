@@ -30,7 +30,6 @@ import argparse
 import csv
 import json
 import math
-import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,6 +39,9 @@ import torch
 from tqdm import tqdm
 
 from common.errors import UserError
+from common.files import atomic_path
+from common.version import add_version
+from pipeline.format import as_location
 from trainer import baselines
 from trainer.data import frame_shifts, geometry_target, iter_samples, read_manifest, reference_subset, split_shards
 from trainer.device import burst_to_input, resolve_device
@@ -78,15 +80,9 @@ def exact_fp32():
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def _atomic(path: Path):
-    """A temporary sibling of ``path``; the caller writes it, then os.replace(tmp, path)."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
 def _write_text(path: Path, text: str) -> None:
-    tmp = _atomic(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 @torch.no_grad()
@@ -107,7 +103,7 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path, split: str = "test", 
     """
     from trainer.model import load
 
-    checkpoint, data_dir = Path(checkpoint), Path(data_dir)
+    checkpoint, data_dir = Path(checkpoint), as_location(data_dir)  # a folder or a dataset URL
     manifest = read_manifest(data_dir)
     split_shards(data_dir, manifest, split)  # missing split / shards: fail now, not mid-run
     stored, size = manifest.frames, manifest.size
@@ -199,13 +195,11 @@ def summarize(rows: list[dict], lengths: list[int]) -> dict:
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
-    tmp = _atomic(path)
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["key", "method", "frames", "subset", "psnr", "ssim"])
         for r in rows:
             writer.writerow([r["key"], r["method"], r["frames"], r["subset"], f"{r['psnr']:.4f}", f"{r['ssim']:.5f}"])
-    os.replace(tmp, path)
 
 
 STYLE = {"model": ("C3", "o"), "fba": ("C0", "s"), "mean": ("C2", "^"), "first": ("C7", "v"), "best": ("C1", "D")}
@@ -267,9 +261,8 @@ def plot_examples(shown: list[dict], path: Path, title: str) -> None:
 
 
 def _save_figure(fig, path: Path) -> None:
-    tmp = _atomic(path)
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
 
 
 def format_table(summary: dict) -> str:
@@ -296,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None,
                    help="a checkpoint written by `python -m trainer train` (default: the shipped model, "
                         "models/burst-deblur.pt)")
-    p.add_argument("--data", required=True, help="a dataset folder written by `python -m pipeline render`")
+    p.add_argument("--data", required=True, help="a dataset folder written by `python -m pipeline render`, or its URL "
+                                                 "(http(s)://, or s3://, gs://, ... with fsspec)")
     p.add_argument("--split", default="test", help="split to evaluate (default: test)")
     p.add_argument("--out", default=None, help="output folder (default: <checkpoint folder>/eval-<split>)")
     p.add_argument("--frames", default=None,
@@ -306,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=8, help="samples per model forward pass (default: 8)")
     p.add_argument("--examples", type=int, default=4, help="samples shown in examples.png (default: 4)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_version(p)
     return p
 
 

@@ -10,18 +10,15 @@ written atomically: an existing --out is replaced only by a complete file.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
+from common.version import add_version
 
 
 def export(checkpoint: str | Path, out: str | Path) -> dict:
     """Export ``checkpoint`` to ``out``; returns what was written (without the weights)."""
-    from pipeline.run import code_version
-    from trainer.checkpoint import load_checkpoint, save_atomic
+    from trainer.checkpoint import load_checkpoint, save_atomic, software_versions
     from trainer.model import load
 
     checkpoint, out = Path(checkpoint), Path(out)
@@ -34,8 +31,7 @@ def export(checkpoint: str | Path, out: str | Path) -> dict:
         "step": int(ckpt.get("step", 0)),
         "best_val_psnr": float(ckpt.get("best_val_psnr", float("nan"))),
         "val": ckpt.get("val", {}),
-        "versions": {"torch": str(torch.__version__), "numpy": str(np.__version__), "python": platform.python_version(),
-                     "code": code_version()},
+        "versions": software_versions(),
         "source": checkpoint.name,
     }
     save_atomic({"model": ckpt["model"], **info}, out)
@@ -47,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
                                 description="Write the inference part of a checkpoint (weights + config, no optimizer).")
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by `python -m trainer train`")
     p.add_argument("--out", required=True, help="the exported model file (e.g. models/burst-deblur.pt)")
+    add_version(p)
     args = p.parse_args(argv)
     info = export(args.checkpoint, args.out)
     size = Path(args.out).stat().st_size

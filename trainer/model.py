@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils.parametrizations import weight_norm
 
+from common.bundled import bundled
 from common.config import ConfigError, check, from_dict
 from trainer.checkpoint import INFERENCE_KEYS, CheckpointError, load_checkpoint
 
@@ -250,8 +251,9 @@ def build_model(cfg: ModelConfig) -> BurstDeblurNet:
 
 
 # The pretrained model shipped in git (models/README.md is its card): what `deblur` and
-# `evaluate` use when no --checkpoint is given.
-SHIPPED = Path(__file__).resolve().parents[1] / "models" / "burst-deblur.pt"
+# `evaluate` use when no --checkpoint is given. In the repository's models/, or in the installed
+# package's copy (common.bundled), whatever the current directory.
+SHIPPED = bundled("models") / "burst-deblur.pt"
 
 
 def default_checkpoint(checkpoint: str | Path | None) -> Path:

@@ -55,19 +55,22 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from common.bundled import find_config
 from common.config import ConfigError
 from common.errors import UserError, one_line, run_cli
+from common.version import add_version
 from trainer import data as data_mod
 from pipeline.format import atomic_write_bytes
 from trainer.baselines import mean_frames
-from trainer.checkpoint import TRAINING_KEYS, CheckpointError, load_checkpoint, peek, read_config, save_atomic
+from trainer.checkpoint import (TRAINING_KEYS, CheckpointError, load_checkpoint, peek, read_config, save_atomic,
+                                software_versions)
 from trainer.config import TrainConfig, TrainSection, load_train_config, to_dict, to_toml
 from trainer.device import burst_to_input, image_to_target, resolve_device
 from trainer.losses import burst_loss
 from trainer.metrics import psnr, psnr_batch
 from trainer.model import build_model
 
-DEFAULT_CONFIG = "configs/train/default.toml"
+DEFAULT_CONFIG = "configs/train/default.toml"  # found from any directory (common.bundled.find_config)
 DEFAULT_OUT = "runs/default"
 
 
@@ -101,6 +104,44 @@ def setup_distributed(device_kind: str) -> tuple[int, int, int]:
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
     return rank, world, local_rank
+
+
+class RunFolderNotShared(UserError):
+    """A rank of a multi-node run does not see the run folder rank 0 writes."""
+
+
+def check_shared_run_folder(out_dir: Path, rank: int, world: int) -> None:
+    """Every rank of a DDP run must see the run folder that rank 0 writes: with torchrun's c10d
+    rendezvous any node may hold global rank 0, and a rank that resumes, or a user who looks for
+    the checkpoints, must find them in ``out_dir`` wherever it runs. Rank 0 writes a marker file
+    with a fresh token, every rank reads it after a barrier; when any rank cannot, every rank
+    raises RunFolderNotShared (one line naming the ranks and hosts that cannot)."""
+    import secrets
+    import socket
+
+    token = [secrets.token_hex(8) if rank == 0 else None]
+    dist.broadcast_object_list(token, src=0)
+    marker = out_dir / f".ranks-{token[0]}"
+    if rank == 0:
+        with contextlib.suppress(OSError):  # reported below: rank 0 does not see the marker either
+            out_dir.mkdir(parents=True, exist_ok=True)
+            marker.write_text(token[0])
+    dist.barrier()
+    try:
+        sees = marker.read_text() == token[0]
+    except OSError:
+        sees = False
+    everyone = [None] * world
+    dist.all_gather_object(everyone, (rank, socket.gethostname(), sees))
+    dist.barrier()  # every rank has read it
+    if rank == 0:
+        marker.unlink(missing_ok=True)
+    blind = [f"rank {r} on {host}" for r, host, ok in everyone if not ok]
+    if blind:
+        raise RunFolderNotShared(
+            f"{', '.join(blind)} cannot see the run folder {out_dir} that rank 0 on {everyone[0][1]} writes; "
+            "on several nodes --out must be one path on a filesystem every node shares (an absolute path "
+            "on NFS, say), so that checkpoints land in one place whichever node holds rank 0")
 
 
 def to_device(batch: dict, device: torch.device, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -488,6 +529,7 @@ def save_checkpoint(path: Path, run: Run, model: torch.nn.Module, optimizer: tor
     save_atomic({
         "model": model.state_dict(),  # the bare module: no DDP/compile prefixes
         "config": to_dict(run.cfg),
+        "versions": software_versions(),  # torch, numpy, python, code: str values (weights_only loads them)
         "optimizer": optimizer.state_dict(),
         "step": progress.step,
         "best_val_psnr": progress.best_psnr,
@@ -581,6 +623,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, log=print
         torch.set_num_threads(t.threads)
     rank, world, local_rank = setup_distributed(device.type)
     try:
+        if world > 1:
+            check_shared_run_folder(out_dir, rank, world)
         return _train(make_run(cfg, out_dir, manifest, device, rank, world, local_rank, log), ckpt)
     finally:
         if world > 1:
@@ -661,12 +705,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train the burst deblurring network on rendered shards. "
                     "Multi-GPU: torchrun --nproc_per_node=K -m trainer train ...")
     p.add_argument("--config", default=None,
-                   help=f"train config TOML (default: {DEFAULT_CONFIG}; with --resume: the checkpoint's config)")
+                   help=f"train config TOML (default: {DEFAULT_CONFIG}; with --resume: the checkpoint's config); "
+                        "a path that is not a file here names a bundled config (e.g. 'default', 'gpu')")
     p.add_argument("--data", default=None, help="dataset folder written by `python -m pipeline render` (sets data.dir)")
-    p.add_argument("--out", default=DEFAULT_OUT, help=f"run folder for checkpoints and logs (default: {DEFAULT_OUT})")
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"run folder for checkpoints and logs (default: {DEFAULT_OUT}, under the current directory)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value, e.g. --set train.steps=500 (repeatable)")
+    add_version(p)
     return p
 
 
@@ -679,7 +725,7 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
             raise FileNotFoundError(f"nothing to resume: {path} does not exist")
         base = read_config(path, TRAINING_KEYS)  # a last.pt that cannot be resumed fails here
         return load_train_config(None, overrides, base=base)
-    return load_train_config(args.config or DEFAULT_CONFIG, overrides)
+    return load_train_config(find_config(args.config or DEFAULT_CONFIG, "train"), overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
