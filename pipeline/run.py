@@ -283,7 +283,9 @@ def start_ray(workers: int | None, address: str | None = None):
                               f"({text[0] if text else type(e).__name__}); {_connection_advice(address)}") from None
     else:
         log.info("starting Ray (local, %d CPUs) ...", workers or os.cpu_count() or 1)
-        ray.init(num_cpus=workers, **kwargs)
+        # address="local": a new instance of our own, even where RAY_ADDRESS is set or `ray start`
+        # runs a cluster on this machine (plain ray.init() would join it, and refuse num_cpus)
+        ray.init(address="local", num_cpus=workers, **kwargs)
     if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, on_sigterm)  # ray.init sets its own (sys.exit); keep the caller's
     return ray

@@ -117,7 +117,10 @@ def test_test_split_is_real_photographs(tiny_shards):
 # ----------------------------------------------------------------------------- determinism
 
 
-def test_same_bytes_across_workers_engines_and_resume(tmp_path):
+def test_same_bytes_across_workers_engines_and_resume(tmp_path, monkeypatch):
+    # a RAY_ADDRESS in the environment (a cluster user's shell) must not make the local Ray
+    # engine join that cluster: without --address it starts its own instance
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
     cfg = tiny_config(*SMALL)
     runs = {"local1": dict(workers=1, engine="local"), "local2": dict(workers=2, engine="local"),
             "ray2": dict(workers=2, engine="ray")}

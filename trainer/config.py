@@ -11,14 +11,13 @@ The resolved config is saved into the run folder as ``config.toml`` (loadable ag
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.config import SPLIT_NAME, ConfigError, check, load_config
+from common.config import SPLIT_NAME, ConfigError, check, load_config, to_dict  # noqa: F401 - to_dict re-exported
 from trainer.model import ModelConfig
 
 
@@ -116,11 +115,6 @@ class TrainConfig:
 def load_train_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> TrainConfig:
     """Load ``path`` (TOML) or ``base`` (a plain dict, e.g. from a checkpoint), apply ``--set`` overrides."""
     return load_config(TrainConfig, path, list(overrides), base=base)
-
-
-def to_dict(cfg: TrainConfig) -> dict:
-    """The resolved config as plain data (what checkpoints and config.toml hold)."""
-    return dataclasses.asdict(cfg)
 
 
 # ----------------------------------------------------------------------------- TOML writer
