@@ -16,7 +16,7 @@ ENGINE  ?= ray
 help:
 	@echo "make setup    create .venv with the pinned requirements and the package (editable)"
 	@echo "make shards   render $(DATA) from $(SHARDS_CONFIG) (WORKERS=$(WORKERS), ENGINE=$(ENGINE))"
-	@echo "make inspect  summary of $(DATA) and a contact sheet of its first test sample"
+	@echo "make inspect  summary of $(DATA) and a contact sheet of a test sample of median blur"
 	@echo "make train    train on $(DATA) with $(TRAIN_CONFIG) into $(RUN)"
 	@echo "make eval     evaluate $(RUN)/best.pt on the test split against baselines"
 	@echo "make all      setup, shards, train, eval on the embedded default data"
@@ -42,7 +42,7 @@ shards: $(STAMP)
 
 inspect: $(STAMP)
 	$(BIN)/python -m pipeline inspect $(DATA)
-	$(BIN)/python -m pipeline inspect $(DATA) --split test --index 0 --out $(DATA)-sample.png
+	$(BIN)/python -m pipeline inspect $(DATA) --sheet --split test --out $(DATA)-sample.png
 
 verify: $(STAMP)
 	$(BIN)/python -m pipeline verify $(DATA)

@@ -57,12 +57,16 @@ def main(argv: list[str] | None = None) -> int:
     add_version(p)
 
     p = sub.add_parser("inspect", help="summary of a dataset, or a contact sheet of one sample",
-                       description="Without --index/--key: print a summary. With them: write a contact sheet PNG.")
+                       description="Without --sheet/--index/--key: print a summary. With them: write a contact "
+                                   "sheet PNG (--sheet alone: the sample of median blur in the split's first shard).")
     p.add_argument("dir", help="dataset folder (with manifest.json), or its URL "
                                "(http(s)://, or s3://, gs://, ... with fsspec)")
-    p.add_argument("--split", help="split of --index (default: the first split)")
-    p.add_argument("--index", type=int, help="sample index within the split")
-    p.add_argument("--key", help="sample key, e.g. test-000000-000003")
+    p.add_argument("--split", help="split of --sheet/--index (default: the first split)")
+    p.add_argument("--sheet", action="store_true",
+                   help="write a contact sheet of a sample of typical blur (the median of the split's first "
+                        "shard); --index or --key choose another sample")
+    p.add_argument("--index", type=int, help="sample index within the split (implies --sheet)")
+    p.add_argument("--key", help="sample key, e.g. test-000000-000003 (implies --sheet)")
     p.add_argument("--out", help="contact sheet PNG (default: <dir>/<key>.png)")
     add_version(p)
 
@@ -111,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline import inspect as insp
 
         if args.command == "inspect":
-            if args.index is None and args.key is None:
+            if not args.sheet and args.index is None and args.key is None:
                 print(insp.summary(args.dir))
                 return 0
             path = insp.contact_sheet(args.dir, split=args.split, index=args.index, key=args.key, out=args.out)

@@ -21,9 +21,10 @@ from PIL import Image, ImageDraw
 
 from common.errors import UserError, one_line
 from common.files import atomic_path
+from common.fonts import label_font, text_size
 from pipeline.format import (LOCK, MANIFEST, PLAN, DataError, Manifest, ShardEntry, as_location, check_tree,
-                             decode_sample, is_temporary, is_url, iter_shard, join, parse_key, read_location,
-                             read_manifest, shard_file, stats_file, wids_file, wids_index)
+                             decode_json, decode_sample, is_temporary, is_url, iter_shard, join, parse_key,
+                             read_location, read_manifest, shard_file, stats_file, wids_file, wids_index)
 
 
 def read_sample(data_dir: str | Path, key: str, manifest: Manifest | None = None) -> dict:
@@ -118,36 +119,101 @@ def _kernel_row(data_dir, man: Manifest, split: str, row, key: str) -> np.ndarra
         return np.asarray(zarr.open_group(tmp, mode="r")[split][row])
 
 
+def typical_index(data_dir: str | Path, split: str, manifest: Manifest | None = None) -> int:
+    """The index of a sample of typical blur in ``split``: the median, over the samples of the
+    split's first shard (only that shard is read, and only its json members are decoded), of
+    the per-sample blur (``pipeline.render.sample_stats`` blur_px: the mean over frames of the
+    kernels' RMS radius, the figure the summary's quantiles are of). With an even count the
+    lower of the two middle samples; ties go to the lower index."""
+    from pipeline.render import sample_stats
+
+    man = manifest if manifest is not None else read_manifest(data_dir)
+    entry = man.shards(split)[0]
+    blur = []
+    for raw in iter_shard(join(as_location(data_dir), entry.file), label=entry.file):
+        params = decode_json(raw.get("json", b""), f"{entry.file}: sample {raw['__key__']}: json")
+        blur.append((sample_stats(params)["blur_px"], parse_key(raw["__key__"]).index))
+    if not blur:
+        raise DataError(f"{entry.file}: no samples")
+    return sorted(blur)[(len(blur) - 1) // 2][1]
+
+
+def _frame_labels(params: dict, noise: float) -> list[str]:
+    """Per frame: number (frame 0 is the reference; outliers said), blur RMS radius, noise."""
+    radius, outlier = params["kernel_radius_px"], params.get("outlier") or []
+    labels = []
+    for i, r in enumerate(radius):
+        tag = " ref" if i == 0 else " outlier" if i < len(outlier) and outlier[i] else ""
+        labels.append(f"frame {i}{tag}\nblur {r:.2f} px\nnoise {noise:.4f}")
+    return labels
+
+
+SCALE_BAR_PX = 5  # kernel pixels the scale bar under the kernels spans
+
+
 def contact_sheet(data_dir: str | Path, split: str | None = None, index: int | None = None,
                   key: str | None = None, out: str | Path | None = None) -> Path:
-    """Write target | every frame, with every kernel enlarged beneath, and a caption.
+    """Write a contact sheet PNG of one sample: target | every frame, each labelled (frame
+    number, blur = its kernel's RMS radius in px, noise = std at linear mid grey, from the
+    sample's json), every kernel beneath (sqrt of its peak-normalized values, enlarged by a
+    stated factor, with a scale bar of SCALE_BAR_PX kernel pixels), and a caption.
 
     The sample is ``key``, or sample ``index`` of ``split`` (default: the manifest's first split);
-    an unknown split or an index out of range is a DataError (one line). ``data_dir`` may be a
-    dataset URL; ``out`` then defaults to ``<key>.png`` in the current folder."""
+    with neither, the sample of typical blur (``typical_index``, the median of the split's first
+    shard), not sample 0. An unknown split or an index out of range is a DataError (one line).
+    ``data_dir`` may be a dataset URL; ``out`` then defaults to ``<key>.png`` in the current folder."""
+    from pipeline.render import sample_stats
+
     man = read_manifest(data_dir)
     if key is None:
-        key = man.key(split or next(iter(man.splits)), index)
+        split = split or next(iter(man.splits))
+        key = man.key(split, typical_index(data_dir, split, man) if index is None else index)
     split = man.split(parse_key(key).split).name
     sample = read_sample(data_dir, key, man)
     params = sample["params"]
-    row = params.get("kernel_row")
-    kern = _kernel_row(data_dir, man, split, row, key)
+    kern = _kernel_row(data_dir, man, split, params.get("kernel_row"), key)
     burst, target = sample["burst"], sample["target"]
-    F, S = burst.shape[0], burst.shape[1]
-    pad, text_h = 4, 46
-    sheet = Image.new("RGB", (pad + (F + 1) * (S + pad), pad + 2 * (S + pad) + text_h), "white")
-    sheet.paste(Image.fromarray(target), (pad, pad))
-    for i in range(F):
-        x = pad + (i + 1) * (S + pad)
-        sheet.paste(Image.fromarray(burst[i]), (x, pad))
-        k = kern[i] / max(float(kern[i].max()), 1e-12)
-        kimg = Image.fromarray((np.sqrt(k) * 255).astype(np.uint8)).resize((S, S), Image.Resampling.NEAREST)
-        sheet.paste(kimg.convert("RGB"), (x, pad + S + pad))
+    F, S, K = burst.shape[0], burst.shape[1], kern.shape[-1]
+    noise = sample_stats(params)["noise_std_mid_grey"]
+    labels = ["target\nsharp"] + _frame_labels(params, noise)
+    scale = S / K
+    kernel_note = f"kernels\n(sqrt)\nshown x{scale:.1f}"
+    font, small = label_font(16), label_font(12)
+
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    cell = max([S] + [text_size(probe, t, small)[0] + 4 for t in labels + [kernel_note]])
+    label_h = max(text_size(probe, t, small)[1] for t in labels) + 6
+    note_h = text_size(probe, kernel_note, small)[1] + 4
+    kernel_h = max(S, note_h + 4 + text_size(probe, "5 px", small)[1] + 6)  # note, scale bar, its label
+    caption = _caption(params) + [f"blur: RMS radius of each frame's kernel; noise: std at linear "
+                                  f"0.18 (white = 1); kernels {K}x{K} px shown x{scale:.1f}"]
+    line_h = text_size(probe, "Hg", font)[1] + 4
+    caption_w = max(text_size(probe, line, font)[0] for line in caption)
+    pad = 6
+    width = max(pad + (F + 1) * (cell + pad), 2 * pad + caption_w)
+    height = pad + S + label_h + pad + kernel_h + pad + line_h * len(caption) + pad
+    sheet = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(sheet)
-    draw.text((pad, pad + S + pad), "target | frames\nkernels (sqrt) below", fill="black")
-    for j, line in enumerate(_caption(params)):
-        draw.text((pad, pad + 2 * (S + pad) + 2 + 14 * j), line, fill="black")
+    y_kern = pad + S + label_h + pad
+    for i in range(F + 1):
+        x = pad + i * (cell + pad)
+        xi = x + (cell - S) // 2
+        sheet.paste(Image.fromarray(target if i == 0 else burst[i - 1]), (xi, pad))
+        draw.multiline_text((x + 2, pad + S + 3), labels[i], fill="black", font=small, spacing=2)
+        if i == 0:  # the kernels' column under the target: what they show and a scale bar
+            draw.multiline_text((x + 2, y_kern), kernel_note, fill="black", font=small, spacing=2)
+            bar = round(SCALE_BAR_PX * scale)
+            yb = y_kern + note_h
+            draw.rectangle((x + 2, yb, x + 2 + bar, yb + 3), fill="black")
+            draw.text((x + 2, yb + 4), f"{SCALE_BAR_PX} px", fill="black", font=small)
+            continue
+        k = kern[i - 1] / max(float(kern[i - 1].max()), 1e-12)
+        kimg = Image.fromarray((np.sqrt(k) * 255).astype(np.uint8)).resize((S, S), Image.Resampling.NEAREST)
+        sheet.paste(kimg.convert("RGB"), (xi, y_kern))
+    y = y_kern + kernel_h + pad
+    for line in caption:
+        draw.text((pad, y), line, fill="black", font=font)
+        y += line_h
     out = Path(out) if out else Path(f"{key}.png") if is_url(data_dir) else Path(data_dir) / f"{key}.png"
     with atomic_path(out) as tmp:
         sheet.save(tmp, format="png")

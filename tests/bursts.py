@@ -35,3 +35,21 @@ def make_model(seed=0, **kw):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build_model(ModelConfig(**{"width": 8, **kw})).eval()
+
+
+def rotation(degrees, shape, dx=0.0, dy=0.0):
+    """A rotation by ``degrees`` about the centre of a ``shape`` grid, then a shift (dx, dy), as a
+    homography on pixel coordinates."""
+    cy, cx = (shape[0] - 1) / 2, (shape[1] - 1) / 2
+    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
+    centre = translation(cx, cy)
+    return translation(dx, dy) @ centre @ np.array([[c, -s, 0], [s, c, 0], [0, 0, 1.0]]) @ np.linalg.inv(centre)
+
+
+def with_object(frame, top, left, size=(120, 160), offset=(10, 10)):
+    """``frame`` (uint8 (H, W, 3)) with an object pasted at (top, left): a ``size`` crop of another
+    part of PHOTO (its own texture), as a car or a walker crossing a static scene. A copy."""
+    obj = np.clip(np.rint(PHOTO[offset[0] : offset[0] + size[0], offset[1] : offset[1] + size[1]]), 0, 255)
+    out = frame.copy()
+    out[top : top + size[0], left : left + size[1]] = obj.astype(np.uint8)
+    return out

@@ -11,7 +11,7 @@ import skimage.data
 from PIL import Image
 from scipy.ndimage import map_coordinates
 
-from tests.bursts import render, translation
+from tests.bursts import render, rotation, translation, with_object
 from trainer.align import (AlignmentError, align_burst, alignment_level, apply_homography, choose_reference,
                            estimate_alignment, gray, pyramid, warp_frame)
 
@@ -121,3 +121,32 @@ def test_import_does_not_pull_in_torch():
     code = "import sys, trainer.align; sys.exit('torch' in sys.modules)"
     root = Path(__file__).resolve().parents[1]
     assert subprocess.run([sys.executable, "-c", code], cwd=root).returncode == 0
+
+
+# ----------------------------------------------------------------------------- real scenes
+# A large object (25% of the frame) moves across the scene on its own: the warp must be the
+# background's. A global least-squares fit follows the object; features + RANSAC and the robust
+# (Tukey) Lucas-Kanade do not.
+
+SCENE = (240, 320)
+
+
+@pytest.mark.parametrize("background, moved", [
+    (np.eye(3), (22, -30)),                    # static background, the object moves
+    (translation(5.3, -3.1), (-18, 34)),        # the camera shakes too
+])
+def test_a_moving_object_does_not_pull_the_warp(background, moved):
+    ref = with_object(render(np.eye(3), SCENE), 60, 80)
+    frame = with_object(render(background, SCENE), 60 + moved[0], 80 + moved[1])
+    a = align_pair(ref, frame, "homography")
+    assert corner_error(a.homography, np.linalg.inv(background), SCENE) < 0.25, a  # non-robust LK: 0.3-1 px
+    assert a.inliers < 0.9  # the object's pixels are seen as outliers
+
+
+@pytest.mark.parametrize("h", [translation(-31.5, 22.25), rotation(4.0, SCENE, 6.0, -9.0)],
+                         ids=["large-shift", "rotation"])
+def test_large_and_rotational_hand_shake_is_recovered(h):
+    ref = render(np.eye(3), SCENE)
+    frame = render(h, SCENE, noise=2.0, rng=np.random.default_rng(0))
+    a = align_pair(ref, frame, "homography")
+    assert corner_error(a.homography, np.linalg.inv(h), SCENE) < 0.5, a

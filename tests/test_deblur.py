@@ -110,6 +110,52 @@ def test_bad_inputs_give_one_clear_error(tmp_path, checkpoint):
 
 
 
+def test_an_unalignable_frame_is_rejected_and_reported(tmp_path, capsys, checkpoint):
+    """Issue 11: a frame that cannot be aligned is left out (one warning line naming it) while 2
+    usable frames remain; <out>.align.json says what happened to every frame; --save-aligned
+    writes the frames the model saw. (With only 1 usable frame left it stays an AlignmentError:
+    test_bad_inputs_give_one_clear_error.)"""
+    import json
+
+    paths = write_burst(tmp_path)[:3]
+    other = tmp_path / "other.png"
+    Image.fromarray(np.asarray(Image.fromarray(skimage.data.coffee()).resize((112, 96)))).save(other)
+    out, saved = tmp_path / "o.png", tmp_path / "aligned"
+    base = ["--checkpoint", str(checkpoint), "--device", "cpu", "--quiet", "--reference", "0", "--tile", "104"]
+    assert deblur.main([*base, "--out", str(out), "--save-aligned", str(saved), paths[0], str(other), *paths[1:]]) == 0
+    captured = capsys.readouterr()
+    warnings = captured.err.strip().splitlines()
+    assert len(warnings) == 1 and warnings[0].startswith("warning: frame other.png rejected: alignment to frame0.png failed")
+    assert "3 frames, 1 rejected" in captured.out
+    summary = json.loads((tmp_path / "o.png.align.json").read_text())
+    assert (summary["reference"], summary["used"], summary["rejected"]) == ("frame0.png", 3, 1)
+    ref, rejected, *used = summary["frames"]
+    assert ref["reference"] and ref["status"] == "used" and ref["transform"] == np.eye(3).tolist()
+    assert rejected["name"] == "other.png" and rejected["status"] == "rejected" and "failed" in rejected["reason"]
+    for entry in used:
+        assert entry["status"] == "used" and entry["model"] == "homography" and entry["zncc"] > 0.9
+        assert set(entry) >= {"transform", "residual", "inliers", "fallbacks", "shift_px"}
+        assert np.array(entry["transform"]).shape == (3, 3)
+    assert sorted(p.name for p in saved.iterdir()) == [
+        "00-frame0.aligned.png", "02-frame1.aligned.png", "03-frame2.aligned.png"]
+    np.testing.assert_array_equal(np.asarray(Image.open(saved / "00-frame0.aligned.png")), np.asarray(Image.open(paths[0])))
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # atomic: no temporary files left
+
+    # the same burst without the bad frame: the same image (the rejected frame had no say)
+    alone = tmp_path / "alone.png"
+    assert deblur.main([*base, "--out", str(alone), *paths]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(alone)), np.asarray(Image.open(out)))
+
+
+def test_save_aligned_never_overwrites_an_input(tmp_path, checkpoint):
+    paths = write_burst(tmp_path)
+    renamed = tmp_path / "00-frame0.aligned.png"  # what --save-aligned would write for frame0.png
+    Path(paths[1]).rename(renamed)
+    with pytest.raises(DeblurInputError, match="--save-aligned .* is one of the input frames"):
+        deblur.main(["--checkpoint", str(checkpoint), "--quiet", "--out", str(tmp_path / "o.png"),
+                     "--save-aligned", str(tmp_path), paths[0], str(renamed)])
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--tile", "8"], "--tile must be >= 16, got 8"),
     (["--overlap", "wide"], "--overlap must be 'auto' or a number of px, got 'wide'"),

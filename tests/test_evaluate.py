@@ -1,9 +1,14 @@
-"""The evaluation command on the tiny real dataset: outputs, consistency, determinism, bad inputs."""
+"""The evaluation command on the tiny real dataset: outputs, consistency, determinism, bad inputs,
+the self-contained report.html (parsed with the standard library: no headless browser here)."""
 
+import base64
 import csv
 import dataclasses
+import io
 import json
 import math
+import re
+from html.parser import HTMLParser
 
 import numpy as np
 import pytest
@@ -11,7 +16,8 @@ import torch
 from PIL import Image
 
 from trainer import evaluate
-from trainer.evaluate import METHODS, format_table, frame_subset, interval
+from trainer.eval_report import worst_box
+from trainer.evaluate import METHODS, choose_examples, format_table, frame_subset, interval
 from trainer.model import ModelConfig, build_model
 
 
@@ -22,7 +28,8 @@ def checkpoint(tmp_path_factory):
         torch.manual_seed(0)
         model = build_model(ModelConfig(width=8))
     path = tmp_path_factory.mktemp("run") / "best.pt"
-    torch.save({"model": model.state_dict(), "config": {"model": dataclasses.asdict(model.cfg)}}, path)
+    torch.save({"model": model.state_dict(), "config": {"model": dataclasses.asdict(model.cfg)},
+                "versions": {"torch": "9.9-test", "code": "0.0+abc"}}, path)
     return path
 
 
@@ -74,7 +81,7 @@ def test_outputs_and_their_consistency(evaluated):
     assert diff == pytest.approx(summary["methods"]["model"]["4"]["psnr"]["mean"]
                                  - summary["methods"]["fba"]["4"]["psnr"]["mean"], abs=1e-9)
 
-    for name in ("psnr_vs_frames.png", "examples.png"):
+    for name in ("psnr_vs_frames.png", "ssim_vs_frames.png", "difference_vs_frames.png", "examples.png"):
         with Image.open(evaluated / name) as im:
             assert im.format == "PNG" and im.width > 300 and im.height > 200
 
@@ -84,6 +91,7 @@ def test_rerun_is_identical_and_seed_changes_subsets(evaluated, tiny_shards, che
             "--device", "cpu", "--examples", "0", "--quiet"]
     assert evaluate.main([*base, "--out", str(tmp_path / "a"), "--batch", "8"]) == 0  # other batching
     assert (tmp_path / "a" / "metrics.csv").read_text() == (evaluated / "metrics.csv").read_text()
+    assert (tmp_path / "a" / "report.html").is_file() and not (tmp_path / "a" / "examples.png").exists()
     assert evaluate.main([*base, "--out", str(tmp_path / "b"), "--seed", "1", "--frames", "2"]) == 0
     subsets_b = {r["key"]: r["subset"] for r in read_rows(tmp_path / "b" / "metrics.csv")}
     subsets_a = {r["key"]: r["subset"] for r in read_rows(evaluated / "metrics.csv") if r["frames"] == "2"}
@@ -134,3 +142,119 @@ def test_bad_inputs(tiny_shards, checkpoint, tmp_path):
     with pytest.raises(ValueError, match="comma-separated integers"):
         evaluate.main([*ok, "--frames", "1,x"])
     assert not (tmp_path / "e").exists()  # nothing written before the inputs were checked
+
+
+class ReportParser(HTMLParser):
+    """Tables (id -> {row data-key: [cell texts]}), <img> srcs, every attribute value, tag names."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables, self.images, self.attrs, self.tags, self.text = {}, [], [], [], []
+        self._table = self._row = self._cell = None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.tags.append(tag)
+        self.attrs += [(tag, k, v) for k, v in attrs.items()]
+        if tag == "table":
+            self._table = self.tables.setdefault(attrs["id"], {})
+        elif tag == "th" and "data-key" in attrs:
+            self._row = self._table.setdefault(attrs["data-key"], [])
+        elif tag == "td" and self._row is not None:
+            self._cell = []
+        elif tag == "img":
+            self.images.append(attrs["src"])
+
+    def handle_endtag(self, tag):
+        if tag == "td" and self._cell is not None:
+            self._row.append("".join(self._cell))
+            self._cell = None
+        elif tag == "tr":
+            self._row = None
+
+    def handle_data(self, data):
+        self.text.append(data)
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def cell_text(stats, digits):
+    if stats["mean"] is None:
+        return "–"
+    return f"{stats['mean']:.{digits}f} [{stats['lo']:.{digits}f}, {stats['hi']:.{digits}f}]"
+
+
+def test_report_html_is_self_contained_and_matches_summary(evaluated):
+    summary = json.loads((evaluated / "summary.json").read_text())
+    page = (evaluated / "report.html").read_text(encoding="utf-8")
+    parser = ReportParser()
+    parser.feed(page)
+    parser.close()
+    frames = [str(n) for n in summary["frames"]]
+    for metric, digits in (("psnr", 2), ("ssim", 4)):
+        assert parser.tables[metric] == {m: [cell_text(summary["methods"][m][n][metric], digits) for n in frames]
+                                         for m in METHODS}
+        assert parser.tables[f"diff-{metric}"] == {
+            d: [cell_text(per_n[n][metric], digits) for n in frames] for d, per_n in summary["differences"].items()}
+    assert set(summary["differences"]) == {"model-fba", "model-mean", "model-best"}
+
+    # every image an embedded PNG that decodes; nothing fetched from anywhere
+    assert len(parser.images) == 4  # PSNR, SSIM, differences, examples
+    for src in parser.images:
+        assert src.startswith("data:image/png;base64,")
+        with Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1], validate=True))) as im:
+            im.load()
+            assert im.format == "PNG" and im.width > 300
+    assert not {"script", "link", "iframe", "object", "embed"} & set(parser.tags)
+    for tag, key, value in parser.attrs:
+        assert key not in ("href", "src") or value.startswith("data:"), (tag, key)
+    assert not re.search(r"https?:|url\(|@import|file:", page.replace(summary["data"], ""))
+
+    text = " ".join(" ".join(parser.text).split())
+    for expected in (summary["checkpoint"], f"dataset {summary['dataset']}", f"split {summary['split']}",
+                     f"samples {summary['samples']}", "torch 9.9-test", "code 0.0+abc"):
+        assert expected in text
+    for example in summary["examples"]:
+        assert example["key"] in text and example["reason"] in text
+
+
+def test_examples_are_chosen_to_inform(evaluated):
+    summary = json.loads((evaluated / "summary.json").read_text())
+    rows = read_rows(evaluated / "metrics.csv")
+    picks = summary["examples"]  # --examples 2: the most blurred, then the largest loss to FBA
+    assert len(picks) == 2 and len({p["key"] for p in picks}) == 2
+    assert picks[0]["reason"].startswith("most blurred (1 of 8): kernel RMS radius")
+    gap = {}
+    for r in rows:
+        if r["frames"] == "4" and r["method"] in ("model", "fba"):
+            gap[r["key"]] = gap.get(r["key"], 0.0) + float(r["psnr"]) * (1 if r["method"] == "model" else -1)
+    assert picks[1]["key"] == min(gap, key=gap.get) and picks[1]["reason"].startswith("largest loss to FBA")
+
+
+def test_choose_examples():
+    def sample(i, blur, model, fba):
+        return {"index": i, "key": f"k{i}", "blur": blur,
+                "scores": {"model": (model, 0.5), "fba": (fba, 0.5), "mean": (20.0 + i, 0.5)}}
+
+    samples = [sample(0, 0.5, 30, 29), sample(1, 3.0, 25, 24), sample(2, 1.0, 20, 23),
+               sample(3, 2.0, 28, 27), sample(4, 3.0, 26, 26)]
+    picks = choose_examples(samples, 4)
+    # blur ranks: 1 and 4 (3.0 px, tie -> lower index), 3, 2, 0; median rank 2 -> sample 3
+    assert [p["key"] for p in picks] == ["k1", "k4", "k3", "k2"]
+    assert [p["reason"].split(" (")[0].split(":")[0] for p in picks] == [
+        "most blurred", "most blurred", "median blur", "largest loss to FBA"]
+    assert "model − FBA = -3.00 dB" in picks[3]["reason"]
+    assert choose_examples(list(reversed(samples)), 4) == picks  # input order does not matter
+    assert [p["key"] for p in choose_examples(samples, 10)] == ["k1", "k4", "k0", "k3", "k2"]  # each once
+    assert choose_examples(samples, 0) == [] and choose_examples([], 3) == []
+    no_radius = [dict(s, blur=None) for s in samples]  # lowest mean-of-frames PSNR counts as most blurred
+    first = choose_examples(no_radius, 1)[0]
+    assert first["key"] == "k0" and "mean of frames 20.00 dB" in first["reason"]
+
+
+def test_worst_box():
+    error = np.zeros((40, 50))
+    error[30:34, 7:9] = 1.0
+    y, x = worst_box(error, 8)
+    assert y <= 30 and y + 8 >= 34 and x <= 7 and x + 8 >= 9
+    assert worst_box(np.zeros((16, 16)), 8) == (0, 0)  # ties: the first window

@@ -19,7 +19,7 @@ import zarr
 from PIL import Image
 
 from pipeline.config import config_hash
-from pipeline.inspect import contact_sheet, read_sample, summary, verify
+from pipeline.inspect import contact_sheet, read_sample, summary, typical_index, verify
 from pipeline.render import render_sample
 from pipeline.run import RenderError, render_dataset
 from tests.conftest import tiny_config
@@ -281,11 +281,41 @@ def test_inspect_summary_and_contact_sheet(tiny_shards, tmp_path):
         assert word in text
     out = contact_sheet(tiny_shards, split="test", index=0, out=tmp_path / "s.png")
     img = Image.open(out)
-    assert img.size[0] == 4 + 5 * (48 + 4) and img.size[1] > 2 * 48
+    assert img.size[0] >= 5 * 48 and img.size[1] > 2 * 48
     r = cli("inspect", str(tiny_shards), "--key", "val-000001-000004", "--out", str(tmp_path / "k.png"))
     assert r.returncode == 0 and (tmp_path / "k.png").exists()
     r = cli("inspect", str(tiny_shards), "--split", "test", "--index", "99")
     assert r.returncode == 2 and "out of range" in r.stderr
+
+
+def test_contact_sheet_defaults_to_median_blur_and_labels_every_panel(tiny_shards, tmp_path):
+    from pipeline.format import read_manifest
+
+    # the default sample: median (lower middle) of the mean kernel radius over the first shard
+    first = read_manifest(tiny_shards).shards("test")[0]
+    blur = sorted((float(np.mean(read_sample(tiny_shards, f"test-000000-{i:06d}")["params"]["kernel_radius_px"])), i)
+                  for i in range(first.first, first.first + first.samples))
+    median = blur[(len(blur) - 1) // 2][1]
+    assert typical_index(tiny_shards, "test") == median
+    default = contact_sheet(tiny_shards, split="test", out=tmp_path / "default.png")
+    chosen = contact_sheet(tiny_shards, split="test", index=median, out=tmp_path / "chosen.png")
+    assert default.read_bytes() == chosen.read_bytes()
+    r = cli("inspect", str(tiny_shards), "--sheet", "--split", "test", "--out", str(tmp_path / "cli.png"))
+    assert r.returncode == 0 and (tmp_path / "cli.png").read_bytes() == chosen.read_bytes()
+
+    # labels: the sheet is larger than its 5 panels of 48² (target + 4 frames) over 2 rows, and
+    # the strip under each image panel holds text (dark pixels on the white background)
+    img = np.asarray(Image.open(chosen).convert("L"))
+    height, width = img.shape
+    assert width > 5 * (48 + 6) and height > 2 * 48 + 4 * 20
+    top = 6  # the sheet's margin above the first row of panels
+    painted = (img[top:top + 48] != 255).any(axis=0)  # columns of the target and frame panels
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], painted.astype(int), [0]])))
+    panels = list(zip(edges[::2], edges[1::2]))
+    assert [b - a for a, b in panels] == [48] * 5
+    strip = img[top + 48 + 2: top + 48 + 30]  # under the panels: their labels
+    assert all((strip[:, a:b] < 128).any() for a, b in panels), "a panel without its label"
+    assert (img[-20:] < 128).any(), "no caption"
 
 
 @pytest.mark.parametrize("cmd", ["render", "inspect", "verify"])

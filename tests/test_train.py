@@ -125,12 +125,56 @@ def test_checkpoints_logs_and_exact_resume(tiny_shards, tmp_path):
     tags = events.Tags()
     assert {"train/loss", "train/lr", "train/samples_per_s", "val/psnr_1fr", "val/psnr_3fr",
             "val/loss_3fr", "val/psnr_mean_of_frames_1fr"} <= set(tags["scalars"])
-    assert "val/3fr_target_output_frames" in tags["images"]
+    assert {"val_images/1fr", "val_images/3fr"} <= set(tags["images"])
+    check_tensorboard_extras(straight / "tb", steps=6)
+    check_tensorboard_extras(split / "tb", steps=6)  # the resume purged the first end's hparams
 
     # trainer.model.load rebuilds the network from best.pt; it runs on any burst length
     model = trainer.model.load(straight / "best.pt")
     out = model(torch.rand(1, 5, 3, 20, 28))
     assert out.shape == (1, 3, 20, 28) and not model.training
+
+
+def check_tensorboard_extras(tb: Path, steps: int) -> None:
+    """The run's TensorBoard beside the curves: the resolved config as text, the hyperparameters
+    with the final metrics (once, at the last step), a layout charting the model's PSNR with the
+    mean of the frames' per burst length, and labelled, gapped image grids."""
+    import io
+
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    events = EventAccumulator(str(tb), size_guidance={"tensors": 0, "images": 0}).Reload()
+    text = events.Tensors("config/text_summary")
+    assert text and "steps = " in text[-1].tensor_proto.string_val[0].decode()
+    assert "[model]" in text[-1].tensor_proto.string_val[0].decode()
+
+    hp_events = EventAccumulator(str(tb / "hparams")).Reload()  # add_hparams's run
+    hp = hp_events.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(hp["_hparams_/session_start_info"])
+    assert start.session_start_info.hparams["train.steps"].number_value == steps
+    assert start.session_start_info.hparams["model.mults"].string_value == "[1, 2]"
+    assert {"hparams/val_psnr_1fr", "hparams/val_psnr_3fr", "hparams/best_val_psnr"} <= set(hp_events.Tags()["scalars"])
+    final = hp_events.Scalars("hparams/val_psnr_3fr")
+    assert [e.step for e in final] == [steps]  # once: at the run's end
+    assert final[0].value == pytest.approx(events.Scalars("val/psnr_3fr")[-1].value)
+
+    scalars = set(events.Tags()["scalars"])
+
+    layout = layout_pb2.Layout.FromString(events.Tensors("custom_scalars__config__")[-1].tensor_proto.string_val[0])
+    charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
+    assert charts == {f"{n} frames": [f"val/psnr_{n}fr", f"val/psnr_mean_of_frames_{n}fr"] for n in (1, 3)}
+    assert set(sum(charts.values(), [])) <= scalars
+
+    # 3 frames: panels frame 1..3 | mean | output | target of 48², apart by white gaps, labelled
+    grid = np.asarray(Image.open(io.BytesIO(events.Images("val_images/3fr")[-1].encoded_image_string)).convert("L"))
+    painted = (grid != 255).mean(axis=0) > 0.3  # columns crossed by the image panels (2 rows of them)
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], painted.astype(int), [0]])))
+    assert [b - a for a, b in zip(edges[::2], edges[1::2])] == [48] * 6
+    assert grid.shape[0] > 2 * 48 + 2 * 12  # a title and a line of labels above each row
+    assert (grid[:12] < 128).any()  # the title
 
 
 def test_existing_run_needs_resume(tiny_shards, tmp_path, capsys):

@@ -8,17 +8,22 @@ without the model (a test checks that importing this module does not import torc
 2. ``choose_reference``: by default the sharpest frame (gradient energy of a noise-suppressed,
    downscaled grey image). A content criterion, not a position in the list, so any reordering of
    the files gives the same reference and, the model being permutation invariant, the same output.
-3. ``estimate_alignment`` per frame, against the reference: a global homography (or translation)
-   mapping reference pixels to frame pixels. Coarse step: phase correlation on a Hann-windowed,
-   downscaled grey image (integer peak + parabolic sub-pixel refinement). Fine step: inverse
-   compositional Lucas-Kanade (Baker & Matthews 2004) on the pyramid, from the coarsest level
-   with >= 32 px down to the alignment level, in normalized coordinates for conditioning. Failure
-   (a diverging or absurd warp, or a normalized cross-correlation with the reference below 0.5
-   after alignment) raises ``AlignmentError``.
+3. ``estimate_alignment`` per frame, against the reference: a global homography (or affine, or
+   translation) mapping reference pixels to frame pixels, the background's where an object moves
+   on its own. Coarse step (``coarse_estimate``): of ORB features matched and fitted with RANSAC
+   (``feature_homography``), the phase-correlation shift on a Hann-windowed, downscaled grey image,
+   and no motion, the one under which most pixels agree. Fine step: inverse compositional
+   Lucas-Kanade (Baker & Matthews 2004) on the pyramid, from the coarsest level with >= 32 px down
+   to the alignment level, in normalized coordinates for conditioning, reweighted with Tukey's
+   biweight so that pixels that move on their own stop pulling the fit. A model that fails (a
+   diverging or absurd warp, a ZNCC with the reference below 0.5, a band-pass ZNCC below 0.4)
+   falls back to the next simpler one (homography, affine, translation); when all fail,
+   ``AlignmentError``.
 4. ``warp_frame`` resamples a frame onto the reference grid at full resolution (OpenCV
    ``warpPerspective``, bilinear); where the frame does not cover the reference, the reference's
-   own pixels fill in. ``align_burst`` runs 1-4 on a whole burst, frames in parallel threads, and
-   names the frame that fails.
+   own pixels fill in. ``align_burst`` runs 1-4 on a whole burst, frames in parallel threads; a
+   frame that fails is left out (``Rejected``, with the reason) while 2 usable frames remain, and
+   ``report`` turns the result into the JSON that ``deblur`` writes beside its output.
 
 Homography convention everywhere: ``h`` (3, 3) maps reference pixel (x, y, 1) to frame pixel
 coordinates, pixel centres at integers (the pixel in row i, column j is at x = j, y = i).
@@ -35,7 +40,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 from scipy import fft
-from scipy.ndimage import gaussian_filter, map_coordinates
+from scipy.ndimage import gaussian_filter, gaussian_laplace, map_coordinates
 
 from common.errors import UserError
 
@@ -178,12 +183,27 @@ def phase_correlation(reference: np.ndarray, frame: np.ndarray) -> tuple[float, 
     return float(dx), float(dy), peak / float(full.mean())
 
 
+# Tukey's biweight constant (95% efficiency on Gaussian residuals), in robust standard deviations.
+TUKEY_C = 4.685
+
+
+def tukey_weights(residual: np.ndarray, floor: float = 0.02) -> np.ndarray:
+    """Tukey biweight of each residual, float64 in [0, 1]: 0 beyond TUKEY_C robust standard
+    deviations (1.4826 * median |r|, at least ``floor``, in the residual's units) so a region
+    that moves on its own (a walker, a car) stops pulling the global fit instead of bending it."""
+    sigma = max(1.4826 * float(np.median(np.abs(residual))), floor)
+    u = residual / (TUKEY_C * sigma)
+    return np.where(np.abs(u) < 1, (1 - u * u) ** 2, 0.0)
+
+
 def _lk_level(reference: np.ndarray, frame: np.ndarray, h_level: np.ndarray, motion: str,
-              max_iter: int = 50, tol: float = 1e-3) -> np.ndarray:
+              max_iter: int = 50, tol: float = 1e-3, robust: bool = True) -> np.ndarray:
     """Inverse compositional Lucas-Kanade on one pyramid level; returns the refined homography.
 
     Parameters act in normalized coordinates (centre 0, long side from -1 to 1), where the eight
-    homography parameters have comparable scales and the Hessian is well conditioned.
+    homography parameters have comparable scales and the Hessian is well conditioned. motion:
+    "homography" (8 parameters), "affine" (6) or "translation" (2). robust: iteratively
+    reweighted least squares with Tukey weights on the residual (standardized intensities).
     """
     rows, cols = reference.shape
     s = max(rows, cols) / 2
@@ -204,6 +224,9 @@ def _lk_level(reference: np.ndarray, frame: np.ndarray, h_level: np.ndarray, mot
     if motion == "translation":
         sd = np.stack([tu, tv], axis=-1)
         index = [2, 5]
+    elif motion == "affine":
+        sd = np.stack([tu * u, tu * v, tu, tv * u, tv * v, tv], -1)
+        index = list(range(6))
     else:
         sd = np.stack([tu * u, tu * v, tu, tv * u, tv * v, tv, -tu * u * u - tv * u * v, -tu * u * v - tv * v * v], -1)
         index = list(range(8))
@@ -221,9 +244,10 @@ def _lk_level(reference: np.ndarray, frame: np.ndarray, h_level: np.ndarray, mot
             raise AlignmentError("the frame drifted out of the reference during alignment")
         err = (warped.ravel() - t.ravel())[mask]
         sdm = sd[mask]
-        hessian = sdm.T @ sdm
+        weight = tukey_weights(err) if robust else np.ones_like(err)
+        hessian = sdm.T @ (sdm * weight[:, None])
         try:
-            step = np.linalg.solve(hessian, sdm.T @ err)
+            step = np.linalg.solve(hessian, sdm.T @ (err * weight))
         except np.linalg.LinAlgError:
             raise AlignmentError("singular alignment system (a flat, textureless image?)") from None
         p = np.zeros(9)
@@ -240,15 +264,115 @@ def _lk_level(reference: np.ndarray, frame: np.ndarray, h_level: np.ndarray, mot
     return norm_inv @ hn @ norm
 
 
+# The motion models, richest first: a frame that cannot be aligned with one falls back to the next.
+MOTIONS = ("homography", "affine", "translation")
+
+
 @dataclasses.dataclass
 class Alignment:
     """A frame's warp to the reference: ``homography`` maps full-resolution reference pixel (x, y, 1)
     to frame pixel coordinates. ``shift`` is where the reference centre lands, minus the centre, px;
-    ``correlation`` the ZNCC with the reference after alignment at the alignment level."""
+    ``correlation`` the ZNCC with the reference after alignment at the alignment level. ``model``:
+    the motion model that was kept ("homography", "affine" or "translation"; a richer one that
+    failed is named in ``fallbacks`` with its reason). ``coarse``: where the starting estimate came
+    from ("features": ORB + RANSAC, "phase": phase correlation, "identity"). ``residual``: RMS grey
+    difference after alignment over the pixels the frame covers, 8-bit levels; ``inliers``: the
+    fraction of those within 3 robust standard deviations (what the background covers when an
+    object moves on its own); ``structure``: the ZNCC of the band-pass (Laplacian of Gaussian)
+    images, which unrelated content fails even where smooth shading correlates."""
 
     homography: np.ndarray
     shift: tuple[float, float]
     correlation: float
+    model: str = "homography"
+    coarse: str = "phase"
+    residual: float = 0.0
+    inliers: float = 1.0
+    structure: float = 1.0
+    fallbacks: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass
+class Rejected:
+    """A frame left out of the burst: ``reason`` is one line."""
+
+    reason: str
+
+
+def _to_uint8(image: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(image * 255), 0, 255).astype(np.uint8)
+
+
+def feature_homography(reference: np.ndarray, frame: np.ndarray, min_inliers: int = 12) -> tuple[np.ndarray, str] | None:
+    """Dominant motion from ORB features: (3, 3) reference -> frame pixels of this level, and the
+    model RANSAC fitted ("homography" or, with too few inliers for one, "affine": similarity),
+    or None where too few features match (small or flat images).
+
+    reference, frame: grey float (H, W) in [0, 1], the same level. Matches are mutual nearest
+    neighbours in Hamming distance; RANSAC (3 px) keeps the motion most of them agree on, which is
+    the background's when an object moves across a static scene, where a global least-squares fit
+    (or the phase-correlation peak, for a large object) may follow the object."""
+    orb = cv2.ORB_create(nfeatures=2000, edgeThreshold=15, patchSize=15, fastThreshold=10)
+    kr, dr = orb.detectAndCompute(_to_uint8(reference), None)
+    kf, df = orb.detectAndCompute(_to_uint8(frame), None)
+    if dr is None or df is None or len(kr) < min_inliers or len(kf) < min_inliers:
+        return None
+    matches = cv2.BFMatcher(cv2.NORM_HAMMING, crossCheck=True).match(dr, df)
+    if len(matches) < min_inliers:
+        return None
+    src = np.float32([kr[m.queryIdx].pt for m in matches]).reshape(-1, 1, 2)
+    dst = np.float32([kf[m.trainIdx].pt for m in matches]).reshape(-1, 1, 2)
+    h, mask = cv2.findHomography(src, dst, cv2.RANSAC, 3.0, maxIters=2000, confidence=0.999)
+    if h is not None and mask is not None and int(mask.sum()) >= max(min_inliers, 0.2 * len(matches)):
+        return h / h[2, 2], "homography"
+    a, mask = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=3.0)
+    if a is not None and mask is not None and int(mask.sum()) >= min_inliers:
+        return np.vstack([a, [0, 0, 1.0]]), "affine"
+    return None
+
+
+def _restrict(h: np.ndarray, motion: str) -> np.ndarray:
+    """The nearest warp of a simpler model: drop the perspective row (affine) or keep where the
+    centre goes (translation), approximately; LK refines from there."""
+    if motion == "homography":
+        return h
+    out = np.eye(3)
+    if motion == "affine":
+        out[:2] = h[:2] / h[2, 2]
+    else:
+        out[:2, 2] = h[:2, 2] / h[2, 2]
+    return out
+
+
+def coarse_estimate(reference: dict[int, np.ndarray], frame: dict[int, np.ndarray]) -> tuple[np.ndarray, str]:
+    """A starting warp (full-resolution pixels) and where it came from, the candidate that
+    correlates best with the reference on a level of at most 256 px: the ORB + RANSAC fit on the
+    finest level (robust to an object moving on its own), the phase-correlation shift (for
+    textures too fine or small for features), or no motion (a periodic texture can fool the
+    correlation peak)."""
+    finest, coarsest = min(reference), max(reference)
+    pc_level = next((lv for lv in sorted(reference) if max(reference[lv].shape) <= 256), coarsest)
+    ref_pc, frame_pc = reference[pc_level], frame[pc_level]
+    dx, dy, _ = phase_correlation(ref_pc, frame_pc)
+    candidates = [(np.eye(3), "identity"), (to_full(np.array([[1, 0, dx], [0, 1, dy], [0, 0, 1.0]]), pc_level), "phase")]
+    found = feature_homography(reference[finest], frame[finest])
+    if found is not None:
+        candidates.append((to_full(found[0], finest), "features"))
+
+    def score(h: np.ndarray) -> float:
+        ref, warped, valid = _warp_pair(ref_pc, frame_pc, to_level(h, pc_level))
+        if valid.mean() < 0.25 or not (apply_homography(to_level(h, pc_level), *_corners(ref_pc.shape))[2] > 0).all():
+            return -1.0
+        # robust: the share of pixels that agree (an object moving alone counts against no candidate)
+        diff = (warped - ref)[valid]
+        return float(np.mean(np.abs(diff) < 0.03)) + 1e-3 * zncc(ref, warped, valid)
+
+    h, source = max(candidates, key=lambda c: score(c[0]))
+    return h, source
+
+
+def _corners(shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    return (np.array([0, shape[1] - 1, shape[1] - 1, 0], float), np.array([0, 0, shape[0] - 1, shape[0] - 1], float))
 
 
 def estimate_alignment(reference: dict[int, np.ndarray], frame: dict[int, np.ndarray], motion: str = "homography",
@@ -257,43 +381,60 @@ def estimate_alignment(reference: dict[int, np.ndarray], frame: dict[int, np.nda
     """Align one frame to the reference; both are pyramids from ``pyramid()`` with the same levels.
 
     shape: (H, W) at full resolution (default: the finest level's size times its scale).
-    motion: "homography" (8 parameters) or "translation" (2). Raises AlignmentError (one line)
-    if the warp diverges, moves a corner by more than ``max_shift`` of the long side, folds the
-    image, or leaves a ZNCC below ``min_correlation`` with the reference.
+    motion: the richest model to try, "homography" (8 parameters), "affine" (6) or "translation"
+    (2); when one fails the next simpler one is tried (homography, affine, translation), and
+    ``Alignment.fallbacks`` says why. Raises AlignmentError (one line, every model's reason) if
+    all fail: the warp diverges, moves a corner by more than ``max_shift`` of the long side, folds
+    the image, leaves a ZNCC below ``min_correlation`` with the reference, or a band-pass ZNCC
+    below 0.4 (unrelated content).
     """
-    if motion not in ("homography", "translation"):
-        raise UserError(f"motion must be 'homography' or 'translation', got '{motion}'")
-    finest, coarsest = min(reference), max(reference)
+    if motion not in MOTIONS:
+        raise UserError(f"motion must be one of {', '.join(MOTIONS)}, got '{motion}'")
+    finest = min(reference)
     full_shape = shape or (reference[finest].shape[0] * 2**finest, reference[finest].shape[1] * 2**finest)
+    coarse, source = coarse_estimate(reference, frame)
+    failures: list[str] = []
+    for model in MOTIONS[MOTIONS.index(motion):]:
+        try:
+            a = _fit(reference, frame, _restrict(coarse, model), model, full_shape, min_correlation, max_shift)
+        except AlignmentError as e:
+            failures.append(f"{model}: {e}")
+            continue
+        return dataclasses.replace(a, coarse=source, fallbacks=tuple(failures))
+    raise AlignmentError("; ".join(failures) if len(failures) > 1 else str(failures[0]).split(": ", 1)[1])
 
-    # Coarse translation: phase correlation on a level of at most 256 px (or the coarsest one).
-    pc_level = next((lv for lv in sorted(reference) if max(reference[lv].shape) <= 256), coarsest)
-    ref_pc, frame_pc = reference[pc_level], frame[pc_level]
-    dx, dy, _ = phase_correlation(ref_pc, frame_pc)
-    h = np.eye(3)
-    shifted = np.array([[1, 0, dx], [0, 1, dy], [0, 0, 1.0]])
-    # A periodic texture can fool the correlation peak: keep the shift only if it correlates better.
-    if zncc(*_warp_pair(ref_pc, frame_pc, shifted)) > zncc(*_warp_pair(ref_pc, frame_pc, h)):
-        h = shifted
-    h = to_full(h, pc_level)
 
+def _fit(reference, frame, h, motion, full_shape, min_correlation, max_shift, min_structure=0.4) -> Alignment:
+    """Robust Lucas-Kanade from ``h`` (full resolution), coarsest level to finest, then the checks."""
+    finest, coarsest = min(reference), max(reference)
     for level in range(coarsest, finest - 1, -1):
         h = to_full(_lk_level(reference[level], frame[level], to_level(h, level), motion), level)
 
     long_side = max(full_shape)
-    corners_x = np.array([0, full_shape[1] - 1, full_shape[1] - 1, 0], float)
-    corners_y = np.array([0, 0, full_shape[0] - 1, full_shape[0] - 1], float)
+    corners_x, corners_y = _corners(full_shape)
     cx, cy, cw = apply_homography(h, corners_x, corners_y)
     moved = float(np.max(np.hypot(cx - corners_x, cy - corners_y)))
     if not (cw > 0).all() or np.linalg.det(h[:2, :2] / h[2, 2]) <= 0:
         raise AlignmentError("the estimated warp folds the image")
     if moved > max_shift * long_side:
         raise AlignmentError(f"the estimated warp moves a corner by {moved:.0f} px (> {max_shift:.0%} of the image)")
-    corr = zncc(*_warp_pair(reference[finest], frame[finest], to_level(h, finest), blur=1.0))
+    ref, warped, valid = _warp_pair(reference[finest], frame[finest], to_level(h, finest), blur=1.0)
+    corr = zncc(ref, warped, valid)
     if corr < min_correlation:
         raise AlignmentError(f"correlation with the reference after alignment is {corr:.2f} (< {min_correlation})")
+    # Smooth unrelated images can still correlate at 0.7 in intensity over a small overlap; their
+    # band-pass structure (Laplacian of Gaussian, 2 px) does not (~0.2; a blurred view: > 0.9).
+    ref_raw, warped_raw, _ = _warp_pair(reference[finest], frame[finest], to_level(h, finest))
+    structure = zncc(gaussian_laplace(ref_raw, 2.0), gaussian_laplace(warped_raw, 2.0), valid)
+    if structure < min_structure:
+        raise AlignmentError(f"the aligned frame's structure does not match the reference (band-pass ZNCC "
+                             f"{structure:.2f} < {min_structure})")
+    diff = (warped - ref)[valid]
+    sigma = max(1.4826 * float(np.median(np.abs(diff))), 1 / 255)
     mx, my, _ = apply_homography(h, np.array([(full_shape[1] - 1) / 2]), np.array([(full_shape[0] - 1) / 2]))
-    return Alignment(h, (float(mx[0] - (full_shape[1] - 1) / 2), float(my[0] - (full_shape[0] - 1) / 2)), corr)
+    return Alignment(h, (float(mx[0] - (full_shape[1] - 1) / 2), float(my[0] - (full_shape[0] - 1) / 2)), corr,
+                     model=motion, residual=float(np.sqrt(np.mean(diff**2))) * 255,
+                     inliers=float(np.mean(np.abs(diff) < 3 * sigma)), structure=structure)
 
 
 def _warp_pair(reference: np.ndarray, frame: np.ndarray, h: np.ndarray, blur: float = 0.0):
@@ -332,14 +473,17 @@ def warp_frame(frame: np.ndarray, h: np.ndarray, fill: np.ndarray) -> np.ndarray
 
 def align_burst(frames: Sequence[np.ndarray], reference: int | str = "auto", motion: str = "homography",
                 align_size: int = 1024, names: Sequence[str] | None = None, workers: int | None = None,
-                log=None) -> tuple[list[np.ndarray], int, list[Alignment | None]]:
-    """Align every frame to the reference frame.
+                log=None, min_frames: int = 2) -> tuple[list[np.ndarray | None], int, list[Alignment | Rejected | None]]:
+    """Align every frame to the reference frame, leaving out those that cannot be aligned.
 
     frames: RGB uint8 (H, W, 3), same size. reference: an index into ``frames`` or "auto" (the
-    sharpest). Returns (aligned uint8 frames in the given order, reference index, per-frame
-    Alignment, None for the reference). Raises AlignmentError naming the first frame that fails.
-    log: called with a line before each step that can take seconds (pyramids, the reference,
-    each frame's alignment as it is found, the warp).
+    sharpest). Returns (aligned uint8 frames in the given order, None for a rejected frame;
+    reference index; per frame its Alignment, None for the reference, Rejected for a frame left
+    out). A frame that no motion model aligns is rejected (the caller reports it: Rejected has
+    the reason) as long as ``min_frames`` usable frames (the reference included) remain; otherwise
+    AlignmentError names the first frame that failed. log: called with a line before each step
+    that can take seconds (pyramids, the reference, each frame's alignment as it is found, the
+    warp).
     """
     names = list(names) if names is not None else [f"#{i}" for i in range(len(frames))]
     level = alignment_level(frames[0].shape[:2], align_size)
@@ -360,26 +504,61 @@ def align_burst(frames: Sequence[np.ndarray], reference: int | str = "auto", mot
             ref %= len(frames)
         say(f"reference: {names[ref]} ({'the sharpest' if reference == 'auto' else '--reference'})")
 
-        def one(i: int) -> Alignment | None:
+        def one(i: int) -> Alignment | Rejected | None:
             if i == ref:
                 return None
             try:
                 return estimate_alignment(pyramids[ref], pyramids[i], motion, frames[0].shape[:2])
             except AlignmentError as e:
-                raise AlignmentError(f"frame {names[i]}: alignment to {names[ref]} failed: {e}") from None
+                return Rejected(f"alignment to {names[ref]} failed: {e}")
 
         alignments = []
         for i, a in enumerate(pool.map(one, range(len(frames)))):  # in order, each as soon as it is done
             alignments.append(a)
-            what = ("reference" if a is None
-                    else f"shift ({a.shift[0]:+.2f}, {a.shift[1]:+.2f}) px, ZNCC {a.correlation:.3f}")
-            say(f"align {names[i]}: {what}")
+            if a is None:
+                say(f"align {names[i]}: reference")
+            elif isinstance(a, Alignment):
+                fell = f", after {', '.join(f.split(':')[0] for f in a.fallbacks)} failed" if a.fallbacks else ""
+                say(f"align {names[i]}: {a.model}{fell}, shift ({a.shift[0]:+.2f}, {a.shift[1]:+.2f}) px, "
+                    f"ZNCC {a.correlation:.3f}, inliers {a.inliers:.0%}")
         del pyramids
-        say(f"warping {len(frames) - 1} frames onto {names[ref]} at {frames[0].shape[1]}x{frames[0].shape[0]} px ...")
+        rejected = [i for i, a in enumerate(alignments) if isinstance(a, Rejected)]
+        if rejected and len(frames) - len(rejected) < min_frames:
+            first = rejected[0]
+            more = f" (and {len(rejected) - 1} more)" if len(rejected) > 1 else ""
+            raise AlignmentError(f"frame {names[first]}: {alignments[first].reason}{more}; fewer than "
+                                 f"{min_frames} usable frames remain")
+        say(f"warping {len(frames) - 1 - len(rejected)} frames onto {names[ref]} at "
+            f"{frames[0].shape[1]}x{frames[0].shape[0]} px ...")
 
-        def warp(i: int) -> np.ndarray:
+        def warp(i: int) -> np.ndarray | None:
             a = alignments[i]
+            if isinstance(a, Rejected):
+                return None
             return frames[i] if a is None else warp_frame(frames[i], a.homography, frames[ref])
 
         aligned = list(pool.map(warp, range(len(frames))))
     return aligned, ref, alignments
+
+
+def report(names: Sequence[str], reference: int, alignments: Sequence[Alignment | Rejected | None]) -> dict:
+    """The alignment as a JSON-ready dict, one entry per frame in the given order: its name,
+    whether it is the reference, "used" or "rejected" with the reason, and for a used frame the
+    3x3 transform (reference pixel -> frame pixel, pixel centres at integers), the motion model,
+    where the coarse estimate came from, the models that failed first, the shift of the centre
+    (px), the ZNCC with the reference, the RMS residual (8-bit grey levels) and the inlier share.
+    ``alignments`` as ``align_burst`` returns them (all None when the frames were not aligned)."""
+    frames = []
+    for i, (name, a) in enumerate(zip(names, alignments)):
+        entry = {"index": i, "name": name, "reference": i == reference}
+        if isinstance(a, Rejected):
+            entry.update(status="rejected", reason=a.reason)
+        elif a is None:
+            entry.update(status="used", transform=np.eye(3).tolist(), model="identity")
+        else:
+            entry.update(status="used", transform=(a.homography / a.homography[2, 2]).tolist(), model=a.model,
+                         coarse=a.coarse, fallbacks=list(a.fallbacks), shift_px=list(a.shift),
+                         zncc=a.correlation, structure=a.structure, residual=a.residual, inliers=a.inliers)
+        frames.append(entry)
+    used = sum(f["status"] == "used" for f in frames)
+    return {"reference": names[reference], "used": used, "rejected": len(frames) - used, "frames": frames}

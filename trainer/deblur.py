@@ -6,19 +6,25 @@ Pipeline (every step a plain function that tests call):
 1. ``load_frames``: the project's photo reader, RGB uint8 (H, W, 3) sRGB; all the same size.
 2. ``trainer.align.align_burst``: choose the reference (by default the sharpest frame, so the
    order of the files does not matter), estimate a homography per frame, resample every frame
-   onto the reference grid.
+   onto the reference grid. A frame no motion model aligns (homography, then affine, then
+   translation) is left out with a warning on stderr, as long as 2 usable frames remain.
 3. ``trainer.tiling.run_tiled``: the model on overlapping tiles whose blended output equals one
    untiled pass up to float rounding.
-4. ``save_image``: written atomically (temporary file + rename), 8-bit, format from the extension.
+4. ``save_image``: written atomically (temporary file + rename), 8-bit, format from the extension;
+   beside it ``<out>.align.json`` (``write_report``: per frame the transform, the motion model,
+   residual, ZNCC, reference, used or rejected and why); with ``--save-aligned DIR`` the aligned
+   frames as PNG.
 
-``deblur_frames`` is steps 2-3 on loaded frames, steered by a ``DeblurOptions``; ``main`` is the
-command line: it checks every argument and ``--out`` before any work.
+``prepare_frames`` is step 2 and ``deblur_aligned`` step 3; ``deblur_frames`` is both on loaded
+frames, steered by a ``DeblurOptions``; ``main`` is the command line: it checks every argument,
+``--out`` and ``--save-aligned`` before any work.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 from pathlib import Path
@@ -29,9 +35,9 @@ import torch
 from PIL import Image
 
 from common.errors import UserError
-from common.files import atomic_path
+from common.files import atomic_path, atomic_write_bytes
 from common.version import add_version
-from trainer.align import align_burst, alignment_level
+from trainer.align import align_burst, alignment_level, report
 from trainer.device import resolve_device
 from trainer.tiling import auto_overlap, run_tiled, tile_starts
 
@@ -103,7 +109,8 @@ class DeblurOptions:
 
     reference: the frame the others are aligned to and the output's geometry: an index into the
         frames, or "auto" (the sharpest, independent of order).
-    align: False when the frames are already registered. motion: "homography" or "translation".
+    align: False when the frames are already registered. motion: "homography" or "translation",
+        the richest model tried (a homography that fails falls back to affine, then translation).
     align_size: the long side (px) of the downscaled copy alignment works on (>= 64).
     tile: tile side in px (>= 16). overlap: px, or None for ``auto_overlap`` of the model (tiling
         then invisible). batch: tiles per forward pass, or None for 2 on CUDA, 1 on CPU (halved
@@ -137,26 +144,36 @@ class DeblurOptions:
             raise DeblurInputError(f"--precision must be 'fp32' or 'bf16', got '{self.precision}'")
 
 
-def deblur_frames(model: torch.nn.Module, frames: Sequence[np.ndarray], options: DeblurOptions = DeblurOptions(),
-                  device: str | torch.device = "cpu", names: Sequence[str] | None = None,
-                  progress: bool = False, log=None) -> np.ndarray:
-    """The whole user path on loaded frames: align (unless ``options.align`` is False), then run_tiled.
+def prepare_frames(frames: Sequence[np.ndarray], options: DeblurOptions = DeblurOptions(),
+                   names: Sequence[str] | None = None, log=None) -> tuple[list[np.ndarray], dict]:
+    """Align (unless ``options.align`` is False or there is one frame), leave out the frames that
+    cannot be aligned, and put the reference first, as the model takes it (the output's geometry;
+    the others' order is free).
 
     frames: RGB uint8 (H, W, 3) sRGB, same size. names: one per frame, for messages (default #i).
-    progress: a tile progress bar. log: called with a line before each step that can take seconds
-    (alignment, and its report per frame; the tiled run) and per frame's alignment.
-    Returns float32 (H, W, 3) sRGB in [0, 1], in the reference frame's geometry.
+    Returns (the frames for the model, uint8 (H, W, 3) each; the alignment report,
+    ``trainer.align.report``: per frame its transform, model, residual, ZNCC, used or rejected
+    and why). A burst left with fewer than 2 usable frames raises AlignmentError (a single frame
+    given alone is deblurred as a burst of one).
     """
-    device = torch.device(device)
+    names = list(names) if names is not None else [f"#{i}" for i in range(len(frames))]
     if options.reference != "auto" and not -len(frames) <= options.reference < len(frames):
         raise DeblurInputError(f"--reference {options.reference} is out of range for {len(frames)} frames")
     if options.align and len(frames) > 1:
-        frames, ref, _ = align_burst(frames, options.reference, options.motion, options.align_size,
-                                     names=names, log=log)
+        frames, ref, alignments = align_burst(frames, options.reference, options.motion, options.align_size,
+                                              names=names, log=log)
     else:
         ref = 0 if options.reference == "auto" else options.reference % len(frames)
-    # the model takes the reference (the output's geometry) as frame 0; the others' order is free
-    frames = [frames[ref]] + [f for i, f in enumerate(frames) if i != ref]
+        alignments = [None] * len(frames)
+    used = [frames[ref]] + [f for i, f in enumerate(frames) if i != ref and f is not None]
+    return used, report(names, ref, alignments)
+
+
+def deblur_aligned(model: torch.nn.Module, frames: Sequence[np.ndarray], options: DeblurOptions = DeblurOptions(),
+                   device: str | torch.device = "cpu", progress: bool = False, log=None) -> np.ndarray:
+    """run_tiled on frames from ``prepare_frames`` (the reference first). progress: a tile
+    progress bar; log: a line before the tiled run. Returns float32 (H, W, 3) sRGB in [0, 1]."""
+    device = torch.device(device)
     # one 512-px tile of 8 frames through the paper-size model takes ~6 GB in fp32 (measured on CPU)
     batch = options.batch or (2 if device.type == "cuda" else 1)
     overlap = options.overlap
@@ -172,6 +189,31 @@ def deblur_frames(model: torch.nn.Module, frames: Sequence[np.ndarray], options:
     return run_tiled(model, frames, options.tile, overlap, device, batch, options.precision, progress)
 
 
+def deblur_frames(model: torch.nn.Module, frames: Sequence[np.ndarray], options: DeblurOptions = DeblurOptions(),
+                  device: str | torch.device = "cpu", names: Sequence[str] | None = None,
+                  progress: bool = False, log=None) -> np.ndarray:
+    """The whole user path on loaded frames: ``prepare_frames`` (align, reject, reference first),
+    then ``deblur_aligned``. Arguments as theirs; returns float32 (H, W, 3) sRGB in [0, 1], in
+    the reference frame's geometry."""
+    used, _ = prepare_frames(frames, options, names, log)
+    return deblur_aligned(model, used, options, device, progress, log)
+
+
+def report_path(out: Path) -> Path:
+    """The alignment report beside the output: ``<out>.align.json``."""
+    return out.with_name(out.name + ".align.json")
+
+
+def aligned_paths(folder: Path, names: Sequence[str]) -> list[Path]:
+    """Where ``--save-aligned`` writes frame i (the i-th FRAME given): ``NN-<stem>.aligned.png``."""
+    return [folder / f"{i:02d}-{Path(name).stem}.aligned.png" for i, name in enumerate(names)]
+
+
+def write_report(summary: dict, path: Path) -> None:
+    """The alignment report as indented JSON, atomically."""
+    atomic_write_bytes(path, (json.dumps(summary, indent=1) + "\n").encode())
+
+
 def check_output(out: Path, inputs: Sequence[str | Path]) -> None:
     """Before any work: ``out`` has a known image extension, is not a folder, lies in an existing
     writable folder and is none of the input frames (the output would overwrite it)."""
@@ -184,10 +226,27 @@ def check_output(out: Path, inputs: Sequence[str | Path]) -> None:
         raise FileNotFoundError(f"--out {out}: folder {folder} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise PermissionError(f"--out {out}: folder {folder} is not writable")
-    target = out.resolve()
+    for path, flag in ((out, "--out"), (report_path(out), "the alignment report")):
+        _never_an_input(path, inputs, flag)
+
+
+def check_save_aligned(folder: Path, inputs: Sequence[str | Path]) -> None:
+    """Before any work: ``--save-aligned`` is a folder (made if missing, its parent existing) and
+    none of the files it would get is an input frame."""
+    if folder.exists() and not folder.is_dir():
+        raise DeblurInputError(f"--save-aligned {folder} is a file; give a folder")
+    parent = folder.parent if str(folder.parent) else Path(".")
+    if not folder.exists() and not parent.is_dir():
+        raise FileNotFoundError(f"--save-aligned {folder}: folder {parent} does not exist")
+    for path in aligned_paths(folder, [Path(f).name for f in inputs]):
+        _never_an_input(path, inputs, "--save-aligned")
+
+
+def _never_an_input(path: Path, inputs: Sequence[str | Path], flag: str) -> None:
+    target = path.resolve()
     for frame in map(Path, inputs):
-        if frame.resolve() == target or (out.exists() and frame.exists() and os.path.samefile(frame, out)):
-            raise DeblurInputError(f"--out {out} is one of the input frames ({frame}); it would be overwritten")
+        if frame.resolve() == target or (path.exists() and frame.exists() and os.path.samefile(frame, path)):
+            raise DeblurInputError(f"{flag} {path} is one of the input frames ({frame}); it would be overwritten")
 
 
 def save_image(image: np.ndarray, path: str | Path) -> None:
@@ -235,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--align-size", type=int, default=1024,
                    help="alignment runs on a downscaled copy whose long side is at most this (default: 1024)")
     p.add_argument("--no-align", action="store_true", help="the frames are already aligned: skip alignment")
+    p.add_argument("--save-aligned", metavar="DIR", default=None,
+                   help="also save the frames the model sees, aligned to the reference, as DIR/NN-<name>.aligned.png "
+                        "(NN: the frame's position in the FRAME list; rejected frames are not saved)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, per-frame report or step notes")
     add_version(p)
     return p
@@ -251,6 +313,9 @@ def main(argv: list[str] | None = None) -> int:
                             batch=args.batch or None, precision=args.precision)
     out = Path(args.out)
     check_output(out, args.frames)  # before any work: never over an input, folder writable
+    save_aligned = Path(args.save_aligned) if args.save_aligned else None
+    if save_aligned:
+        check_save_aligned(save_aligned, args.frames)
     device = resolve_device(args.device)
 
     log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr))
@@ -261,10 +326,22 @@ def main(argv: list[str] | None = None) -> int:
     frames = load_frames(args.frames, log=log)
     check_frame_size(frames[0].shape, args.frames[0], options.align and len(frames) > 1, options.align_size)
     names = [Path(f).name for f in args.frames]
-    image = deblur_frames(model, frames, options, device, names, progress=not args.quiet, log=log)
+    used, summary = prepare_frames(frames, options, names, log=log)
+    for entry in summary["frames"]:  # on stderr even with --quiet: the output has fewer frames than given
+        if entry["status"] == "rejected":
+            print(f"warning: frame {entry['name']} rejected: {entry['reason']}", file=sys.stderr)
+    if save_aligned:
+        save_aligned.mkdir(exist_ok=True)
+        order = sorted((e for e in summary["frames"] if e["status"] == "used"), key=lambda e: not e["reference"])
+        paths = aligned_paths(save_aligned, names)
+        for entry, frame in zip(order, used):  # used: the reference first, then the others in order
+            save_image(frame / 255.0, paths[entry["index"]])
+    image = deblur_aligned(model, used, options, device, progress=not args.quiet, log=log)
     save_image(image, out)
+    write_report(summary, report_path(out))
     h, w = image.shape[:2]
-    print(f"wrote {out} ({w}x{h}, {len(frames)} frames)")
+    rejected = f", {summary['rejected']} rejected" if summary["rejected"] else ""
+    print(f"wrote {out} ({w}x{h}, {len(used)} frames{rejected}) and {report_path(out).name}")
     return 0
 
 

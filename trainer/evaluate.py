@@ -19,9 +19,19 @@ Outputs in --out (default: <checkpoint folder>/eval-<split>):
   indices used, in order), psnr, ssim.
 - summary.json: per method and N the mean PSNR/SSIM with a 95% interval, normal approximation
   mean ± 1.96·s/sqrt(n) (s: sample standard deviation over the n samples); and the paired
-  differences model - fba and model - mean, whose intervals say whether the gap is real.
-- psnr_vs_frames.png: mean PSNR against N per method with the interval as a band.
-- examples.png: the first few samples at the largest N: input frames, mean, FBA, model, target.
+  differences model - fba, model - mean and model - best, whose intervals say whether the gap is
+  real; "examples": the keys examples.png shows and why each was chosen.
+- psnr_vs_frames.png, ssim_vs_frames.png: mean PSNR / SSIM against N per method, the model's
+  interval as a band, the baselines' as thin error bars.
+- difference_vs_frames.png: the paired differences model - FBA / mean / best frame (PSNR and
+  SSIM) against N with their intervals and a zero line.
+- examples.png: --examples samples at the largest N, chosen to inform (``choose_examples``: the
+  most blurred, the median blur, the largest loss to FBA; a second pass over the split renders
+  them): input frames, mean, FBA, model, target, each with PSNR/SSIM; a zoom on the 64 px box
+  where the model's error is largest; |image - target| maps on one scale per example.
+- report.html: one self-contained page (images as data: URIs, no scripts, opens offline): header
+  (checkpoint, dataset, split, samples, software versions), the PSNR/SSIM tables and the paired
+  differences with their intervals, the three plots and the examples (``trainer.eval_report``).
 """
 
 from __future__ import annotations
@@ -43,6 +53,8 @@ from common.files import atomic_path
 from common.version import add_version
 from pipeline.format import as_location
 from trainer import baselines
+from trainer import eval_report as report
+from trainer.checkpoint import peek, software_versions
 from trainer.data import frame_shifts, geometry_target, iter_samples, read_manifest, reference_subset, split_shards
 from trainer.device import burst_to_input, resolve_device
 from trainer.metrics import psnr, ssim
@@ -96,7 +108,7 @@ def run_model(model: torch.nn.Module, bursts: np.ndarray, device: torch.device) 
 def evaluate(checkpoint: str | Path, data_dir: str | Path, split: str = "test", out_dir: str | Path | None = None,
              frames: list[int] | None = None, seed: int = 0, device: str = "auto", batch: int = 8,
              examples: int = 4, progress: bool = True) -> dict:
-    """Evaluate; write metrics.csv, summary.json, psnr_vs_frames.png, examples.png; return the summary.
+    """Evaluate; write metrics.csv, summary.json, the plots, examples.png, report.html; return the summary.
 
     Raises FileNotFoundError / ValueError (one line) for a missing or bad checkpoint, data folder,
     split, or a burst length the data does not hold, before any work is done.
@@ -122,7 +134,7 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path, split: str = "test", 
     dataset = manifest.name
 
     rows: list[dict] = []  # key, method, frames, subset, psnr, ssim, order
-    shown: list[dict] = []  # example images, at the largest N
+    at_largest: list[dict] = []  # per sample at the largest N: what choose_examples ranks
     bar = tqdm(total=total, desc=f"evaluate {split}", unit="sample", disable=not progress)
     chunk: list[tuple[int, dict]] = []
 
@@ -133,22 +145,16 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path, split: str = "test", 
             with exact_fp32():
                 outputs = run_model(model, bursts, dev)
             for (index, sample), subset, burst, output in zip(chunk, subsets, bursts, outputs):
-                shifts = frame_shifts(sample["meta"], stored)[subset]
-                target = geometry_target(sample["target"], shifts, geometry).astype(np.float64) / 255
-                burst = burst.astype(np.float64) / 255
-                images = {"model": output, "fba": baselines.fba(burst), "mean": baselines.mean_frames(burst),
-                          "first": baselines.first_frame(burst), "best": baselines.best_frame(burst, target)}
+                images, target, _ = method_images(sample, subset, burst, output, stored, geometry)
                 text = " ".join(str(int(i)) for i in subset)
                 scores = {}
                 for order, method in enumerate(METHODS):
-                    scores[method] = psnr(images[method], target)
+                    scores[method] = (psnr(images[method], target), ssim(images[method], target))
                     rows.append({"key": sample["key"], "method": method, "frames": n, "subset": text,
-                                 "psnr": scores[method], "ssim": ssim(images[method], target),
-                                 "order": (index, n, order)})
-                if n == lengths[-1] and index < examples:
-                    shown.append({"key": sample["key"], "frames": burst[:EXAMPLE_FRAMES], "subset": subset,
-                                  "images": {m: images[m] for m in ("mean", "fba", "model")}, "target": target,
-                                  "psnr": scores})
+                                 "psnr": scores[method][0], "ssim": scores[method][1], "order": (index, n, order)})
+                if n == lengths[-1]:
+                    at_largest.append({"index": index, "key": sample["key"], "scores": scores,
+                                       "blur": subset_blur(sample["meta"], subset)})
         bar.update(len(chunk))
         chunk.clear()
 
@@ -164,15 +170,112 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path, split: str = "test", 
     rows.sort(key=lambda r: r["order"])  # sample, N, method: the same file for any --batch
 
     summary = summarize(rows, lengths)
+    picks = choose_examples(at_largest, examples)
     summary.update({"checkpoint": str(checkpoint), "data": str(data_dir), "dataset": dataset, "split": split,
                     "seed": seed, "device": str(dev), "stored_frames": stored, "size": size,
-                    "config_hash": manifest.config_hash})
+                    "config_hash": manifest.config_hash,
+                    "examples": [{"key": p["key"], "reason": p["reason"]} for p in picks]})
     write_csv(rows, out_dir / "metrics.csv")
     _write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     title = f"{dataset}/{split} ({summary['samples']} samples), checkpoint {checkpoint.parent.name}/{checkpoint.name}"
-    plot_psnr(summary, out_dir / "psnr_vs_frames.png", title)
-    plot_examples(shown, out_dir / "examples.png", title)
+    figures = {"PSNR vs burst length": out_dir / "psnr_vs_frames.png",
+               "SSIM vs burst length": out_dir / "ssim_vs_frames.png",
+               "paired differences vs burst length": out_dir / "difference_vs_frames.png"}
+    report.plot_metric(summary, "psnr", figures["PSNR vs burst length"], title)
+    report.plot_metric(summary, "ssim", figures["SSIM vs burst length"], title)
+    report.plot_differences(summary, figures["paired differences vs burst length"], title)
+    if picks:  # a second pass over the split renders only the chosen samples
+        shown = render_examples(model, dev, data_dir, split, picks, lengths[-1], seed, stored, geometry)
+        report.plot_examples(shown, out_dir / "examples.png", title)
+        figures["examples"] = out_dir / "examples.png"
+    versions = {"checkpoint": peek(checkpoint).get("versions"), "evaluate": software_versions()}
+    report.write_html(summary, out_dir / "report.html", figures, versions)
     return summary
+
+
+def method_images(sample: dict, subset: np.ndarray, burst: np.ndarray, output: np.ndarray, stored: int,
+                  geometry: str) -> tuple[dict, np.ndarray, np.ndarray]:
+    """({method: float64 (H, W, 3) in [0, 1]}, target float64 (H, W, 3), burst float64 (N, H, W, 3))
+    for one sample: ``burst`` uint8 (N, H, W, 3) sRGB holds its ``subset`` frames, ``output`` is the
+    model's; the target sits in the model's output geometry."""
+    shifts = frame_shifts(sample["meta"], stored)[subset]
+    target = geometry_target(sample["target"], shifts, geometry).astype(np.float64) / 255
+    burst = burst.astype(np.float64) / 255
+    images = {"model": output, "fba": baselines.fba(burst), "mean": baselines.mean_frames(burst),
+              "first": baselines.first_frame(burst), "best": baselines.best_frame(burst, target)}
+    return images, target, burst
+
+
+def subset_blur(meta: dict, subset: np.ndarray) -> float | None:
+    """Mean RMS kernel radius (px) of the subset's frames, from the sample's parameters
+    ("kernel_radius_px", one per stored frame); None for data that does not record it."""
+    radius = meta.get("kernel_radius_px")
+    if not isinstance(radius, list) or len(radius) <= int(np.max(subset)):
+        return None
+    return float(np.mean([radius[int(i)] for i in subset]))
+
+
+def _finite(x: float, default: float) -> float:
+    return x if math.isfinite(x) else default
+
+
+def choose_examples(samples: list[dict], count: int) -> list[dict]:
+    """The ``count`` samples examples.png shows, each once, with why: the most blurred (largest
+    mean kernel radius of the frames used, or, without radii, the lowest mean-of-frames PSNR), the
+    one where the model loses most to FBA (lowest model - FBA PSNR), one of median blur, then more
+    of the most blurred. ``samples``: {"index", "key", "scores": {method: (psnr, ssim)}, "blur"} at
+    the largest N. Ties go to the lower sample index, so the choice is deterministic. Returns
+    {"index", "key", "reason"} in display order (blurred, median, loss)."""
+    if count <= 0 or not samples:
+        return []
+    if all(s["blur"] is not None for s in samples):
+        blur_key = lambda s: -s["blur"]  # noqa: E731
+        blur_text = lambda s: f"kernel RMS radius {s['blur']:.2f} px (mean over its frames)"  # noqa: E731
+    else:
+        blur_key = lambda s: _finite(s["scores"]["mean"][0], math.inf)  # noqa: E731
+        blur_text = lambda s: f"mean of frames {s['scores']['mean'][0]:.2f} dB"  # noqa: E731
+    by_blur = sorted(samples, key=lambda s: (blur_key(s), s["index"]))
+    rank = {s["index"]: r for r, s in enumerate(by_blur)}
+    middle = (len(by_blur) - 1) // 2
+    loss = lambda s: _finite(s["scores"]["model"][0] - s["scores"]["fba"][0], math.inf)  # noqa: E731
+    orders = {"blurred": by_blur,
+              "loss": sorted(samples, key=lambda s: (loss(s), s["index"])),
+              "median": sorted(samples, key=lambda s: (abs(rank[s["index"]] - middle), s["index"]))}
+    reasons = {"blurred": lambda s: f"most blurred ({rank[s['index']] + 1} of {len(samples)}): {blur_text(s)}",
+               "median": lambda s: f"median blur ({rank[s['index']] + 1} of {len(samples)}): {blur_text(s)}",
+               "loss": lambda s: f"largest loss to FBA: model − FBA = {loss(s):+.2f} dB"}
+    plan = (["blurred", "loss", "median"] + ["blurred"] * count)[:min(count, len(samples))]
+    chosen: dict[int, tuple[str, dict]] = {}
+    for why in plan:
+        s = next(s for s in orders[why] if s["index"] not in chosen)
+        chosen[s["index"]] = (why, s)
+    display = {"blurred": 0, "median": 1, "loss": 2}
+    picks = sorted(chosen.values(), key=lambda p: (display[p[0]], rank[p[1]["index"]]))
+    return [{"index": s["index"], "key": s["key"], "reason": reasons[why](s), "scores": s["scores"]}
+            for why, s in picks]
+
+
+def render_examples(model, dev, data_dir, split: str, picks: list[dict], n: int, seed: int, stored: int,
+                    geometry: str) -> list[dict]:
+    """The images of the chosen samples at burst length ``n`` (the frames every method saw), as
+    ``trainer.eval_report.plot_examples`` takes them; scores from the first pass (metrics.csv's)."""
+    wanted = {p["index"]: p for p in picks}
+    found = {}
+    for index, sample in enumerate(iter_samples(data_dir, split)):
+        if index in wanted:
+            subset = frame_subset(seed, index, n, stored)
+            burst = sample["burst"][subset]
+            with exact_fp32():
+                output = run_model(model, burst[None], dev)[0]
+            images, target, frames = method_images(sample, subset, burst, output, stored, geometry)
+            shown = frames[:EXAMPLE_FRAMES]
+            found[index] = {"key": sample["key"], "reason": wanted[index]["reason"], "subset": subset,
+                            "frames": shown, "frame_scores": [(psnr(f, target), ssim(f, target)) for f in shown],
+                            "images": {m: images[m] for m in ("mean", "fba", "model")}, "target": target,
+                            "scores": wanted[index]["scores"]}
+            if len(found) == len(wanted):
+                break
+    return [found[p["index"]] for p in picks]
 
 
 def summarize(rows: list[dict], lengths: list[int]) -> dict:
@@ -200,69 +303,6 @@ def write_csv(rows: list[dict], path: Path) -> None:
         writer.writerow(["key", "method", "frames", "subset", "psnr", "ssim"])
         for r in rows:
             writer.writerow([r["key"], r["method"], r["frames"], r["subset"], f"{r['psnr']:.4f}", f"{r['ssim']:.5f}"])
-
-
-STYLE = {"model": ("C3", "o"), "fba": ("C0", "s"), "mean": ("C2", "^"), "first": ("C7", "v"), "best": ("C1", "D")}
-LABELS = {"model": "model", "fba": "FBA (p=11)", "mean": "mean of frames", "first": "first frame",
-          "best": "best frame (oracle)"}
-
-
-def plot_psnr(summary: dict, path: Path, title: str) -> None:
-    """PSNR (dB) against burst length, one line per method, 95% interval as a band."""
-    from matplotlib.figure import Figure
-
-    lengths = summary["frames"]
-    fig = Figure(figsize=(7.5, 5), dpi=120)
-    ax = fig.add_subplot()
-    for method in METHODS:
-        stats = [summary["methods"][method][str(n)]["psnr"] for n in lengths]
-        mean = np.array([s["mean"] if s["mean"] is not None else np.nan for s in stats])
-        color, marker = STYLE[method]
-        ax.plot(lengths, mean, color=color, marker=marker, label=LABELS[method], lw=2 if method == "model" else 1.3)
-        if all(s["lo"] is not None for s in stats):
-            ax.fill_between(lengths, [s["lo"] for s in stats], [s["hi"] for s in stats], color=color, alpha=0.15, lw=0)
-    ax.set_xticks(lengths)
-    ax.set_xlabel("burst length N (frames)")
-    ax.set_ylabel("PSNR (dB), higher is better")
-    ax.set_title(f"PSNR vs burst length\n{title}", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
-    fig.text(0.99, 0.01, f"bands: {summary['interval']}", ha="right", va="bottom", fontsize=6, color="0.4")
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    _save_figure(fig, path)
-
-
-def plot_examples(shown: list[dict], path: Path, title: str) -> None:
-    """A grid: one row per example sample at the largest N; input frames, mean, FBA, model, target."""
-    from matplotlib.figure import Figure
-
-    if not shown:
-        return
-    n_frames = max(len(s["frames"]) for s in shown)
-    cols = n_frames + 4
-    fig = Figure(figsize=(1.9 * cols, 2.1 * len(shown) + 0.4), dpi=110)
-    axes = fig.subplots(len(shown), cols, squeeze=False)
-    for row, s in zip(axes, shown):
-        panels = [(f"frame {int(i)}", f) for i, f in zip(s["subset"], s["frames"])]
-        panels += [(None, None)] * (n_frames - len(s["frames"]))
-        panels += [(f"mean {s['psnr']['mean']:.2f} dB", s["images"]["mean"]),
-                   (f"FBA {s['psnr']['fba']:.2f} dB", s["images"]["fba"]),
-                   (f"model {s['psnr']['model']:.2f} dB", s["images"]["model"]), ("target", s["target"])]
-        for ax, (label, image) in zip(row, panels):
-            ax.set_axis_off()
-            if image is not None:
-                ax.imshow(np.clip(image, 0, 1), interpolation="nearest")
-                ax.set_title(label, fontsize=7)
-        row[0].text(-0.08, 0.5, s["key"], transform=row[0].transAxes, rotation=90, ha="right", va="center", fontsize=6)
-    n = len(shown[0]["subset"])
-    fig.suptitle(f"examples at N = {n} (first {EXAMPLE_FRAMES} frames shown)\n{title}", fontsize=8)
-    fig.tight_layout()
-    _save_figure(fig, path)
-
-
-def _save_figure(fig, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
 
 
 def format_table(summary: dict) -> str:
@@ -298,7 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the frame subsets (default: 0)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: auto)")
     p.add_argument("--batch", type=int, default=8, help="samples per model forward pass (default: 8)")
-    p.add_argument("--examples", type=int, default=4, help="samples shown in examples.png (default: 4)")
+    p.add_argument("--examples", type=int, default=4,
+                   help="samples shown in examples.png: the most blurred, the median blur, the largest loss to FBA "
+                        "(default: 4; 0: no examples.png)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_version(p)
     return p
@@ -322,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / f"eval-{args.split}"
     print(f"{summary['dataset']}/{summary['split']}: {summary['samples']} samples, {summary['interval']}")
     print(format_table(summary))
-    print(f"wrote {out}/metrics.csv, summary.json, psnr_vs_frames.png, examples.png")
+    print(f"wrote {out}/report.html, metrics.csv, summary.json, psnr_vs_frames.png, ssim_vs_frames.png, "
+          "difference_vs_frames.png, examples.png")
     return 0
 
 

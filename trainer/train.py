@@ -25,7 +25,8 @@ Run folder (only rank 0 writes). Its files describe the run's last good state:
   ``--resume --set train.lr=...`` that blows up) never replace the config of the good one.
 - best.pt: the best mean validation PSNR over val_frames; a resumed run must beat the PSNR stored
   in best.pt itself (not only the bar saved in last.pt) to replace it.
-- tb/: TensorBoard; a resumed run purges the events logged after last.pt's step.
+- tb/: TensorBoard; a resumed run purges the events logged after last.pt's step. tb/hparams: the
+  hyperparameters with the final metrics, replaced by each end of the run.
 - summary.json: at the end. Resuming a run that already reached train.steps says so and writes
   nothing (summary.json keeps its validation results).
 Every file is written to a temporary file and renamed (trainer/checkpoint.py), so a crash never
@@ -244,14 +245,55 @@ def validate(model: torch.nn.Module, val: dict, lengths: list[int], batch_size: 
     return results, kept
 
 
-def image_grid(val: dict, outputs: torch.Tensor, n: int) -> torch.Tensor:
-    """Rows of [target | output | frame 1 .. frame n] for the first samples: float (3, H', W') in [0, 1]."""
+GRID_GAP = 4  # px of white between the panels and the rows of an image grid
+
+
+def image_grid(val: dict, outputs: torch.Tensor, n: int, title: str) -> np.ndarray:
+    """Rows of [frame 1 .. frame n | mean of the frames | output | target] for the first samples,
+    panels apart by GRID_GAP px of white, each labelled (mean and output with their PSNR against
+    the target of n frames, as ``validate`` scores them), under a ``title`` line: uint8 (H', W', 3).
+
+    outputs: float (k, 3, H, W) in [0, 1], the outputs of the first k validation samples."""
+    from PIL import Image, ImageDraw
+
+    from common.fonts import label_font, text_size
+
+    font = label_font(12)
     rows = []
     for i, out in enumerate(outputs):
-        target = torch.from_numpy(val["target"][i]).permute(2, 0, 1).float() / 255
-        frames = [torch.from_numpy(f).permute(2, 0, 1).float() / 255 for f in val["burst"][i, :n]]
-        rows.append(torch.cat([target, out] + frames, dim=2))
-    return torch.cat(rows, dim=1)
+        target = np.asarray(val["targets"][n][i], np.float64) / 255
+        frames = val["burst"][i, :n]
+        mean = mean_frames(frames / 255.0)
+        output = out.permute(1, 2, 0).double().numpy()
+        panels = [(f"frame {j + 1}", f) for j, f in enumerate(frames)]
+        panels += [(f"mean of frames\n{psnr(mean, target):.2f} dB", mean),
+                   (f"output\n{psnr(output, target):.2f} dB", output), ("target\n", target)]
+        rows.append([(label, np.asarray(img) if img.dtype == np.uint8 else
+                      (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)) for label, img in panels])
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    H, W = rows[0][0][1].shape[:2]
+    cell = max([W] + [text_size(probe, label, font)[0] + 2 for label, _ in rows[0]])
+    label_h = max(text_size(probe, label, font)[1] for label, _ in rows[0]) + 4
+    title_h = text_size(probe, title, font)[1] + 2 * GRID_GAP
+    width = max(GRID_GAP + len(rows[0]) * (cell + GRID_GAP), text_size(probe, title, font)[0] + 2 * GRID_GAP)
+    grid = Image.new("RGB", (width, title_h + len(rows) * (label_h + H + GRID_GAP)), "white")
+    draw = ImageDraw.Draw(grid)
+    draw.text((GRID_GAP, GRID_GAP), title, fill="black", font=font)
+    for r, row in enumerate(rows):
+        y = title_h + r * (label_h + H + GRID_GAP)
+        for c, (label, img) in enumerate(row):
+            x = GRID_GAP + c * (cell + GRID_GAP)
+            draw.multiline_text((x, y), label, fill="black", font=font, spacing=2)
+            grid.paste(Image.fromarray(img), (x, y + label_h))
+    return np.asarray(grid)
+
+
+def grid_title(run: "Run", n: int, step: int) -> str:
+    """The head line of a validation image grid: split, what its source is, burst length, step."""
+    split = run.cfg.data.val
+    source = str(run.manifest["splits"][split].get("source", "?"))
+    kind = "synthetic" if source == "deadleaves" else "photographs"
+    return f"val split '{split}' ({kind}, source {source}), {n} frames, step {step}: frames | mean | output | target"
 
 
 # ----------------------------------------------------------------------------- the run's state
@@ -469,6 +511,7 @@ def open_validation(run: Run, resumed: bool, step: int) -> tuple[dict | None, di
     run.out_dir.mkdir(parents=True, exist_ok=True)
     from torch.utils.tensorboard import SummaryWriter  # imported late: it is slow to import
     writer = SummaryWriter(log_dir=str(run.out_dir / "tb"), purge_step=step if resumed else None)
+    log_setup(run, writer, step)
     return val, baseline, writer
 
 
@@ -491,6 +534,43 @@ def log_training(run: Run, writer, step: int, mean_loss: float, lr: float, grad_
         writer.add_scalar("train/samples_per_s", rate, step)
         if grad_norm is not None:
             writer.add_scalar("train/grad_norm", grad_norm.item(), step)
+
+
+def log_setup(run: Run, writer, step: int) -> None:
+    """What TensorBoard shows beside the curves, logged at the (start or resume) step: the resolved
+    config as text, and a layout that puts the model's PSNR and the mean of the frames' on one
+    chart per burst length (Custom Scalars dashboard)."""
+    toml = to_toml(to_dict(run.cfg))
+    writer.add_text("config", "\n".join("    " + line for line in toml.splitlines()), step)  # markdown: verbatim
+    writer.add_custom_scalars({"validation PSNR: model vs mean of frames": {
+        f"{n} frames": ["Multiline", [f"val/psnr_{n}fr", f"val/psnr_mean_of_frames_{n}fr"]]
+        for n in run.cfg.train.val_frames}})
+
+
+def hparams(cfg: TrainConfig) -> dict:
+    """The config flattened to {"section.key": int | float | str | bool} (lists and None as text),
+    what TensorBoard's HParams dashboard takes."""
+    flat = {}
+    for section, values in to_dict(cfg).items():
+        for key, value in values.items():
+            ok = isinstance(value, (bool, int, float, str))
+            flat[f"{section}.{key}"] = value if ok else json.dumps(value)
+    return flat
+
+
+def log_hparams(run: Run, writer, progress: Progress, baseline: dict[int, float]) -> None:
+    """At the end of the run: its hyperparameters with the final metrics, for the HParams
+    dashboard, in the run tb/hparams (where ``add_hparams`` puts them, the metrics as scalars
+    under hparams/). A resumed run that ends again replaces the folder: TensorBoard keeps the
+    first session info of a run and a purge step does not drop it."""
+    import shutil
+
+    metrics = {f"hparams/val_psnr_{n}fr": r["psnr"] for n, r in progress.last_val.items()}
+    metrics.update({f"hparams/val_psnr_mean_of_frames_{n}fr": p for n, p in baseline.items()})
+    if math.isfinite(progress.best_psnr):
+        metrics["hparams/best_val_psnr"] = progress.best_psnr
+    shutil.rmtree(run.out_dir / "tb" / "hparams", ignore_errors=True)
+    writer.add_hparams(hparams(run.cfg), metrics, run_name="hparams", global_step=progress.step)
 
 
 def validation_step(run: Run, model: torch.nn.Module, val: dict, baseline: dict[int, float], writer,
@@ -518,7 +598,8 @@ def validation_step(run: Run, model: torch.nn.Module, val: dict, baseline: dict[
         writer.add_scalar(f"val/psnr_mean_of_frames_{n}fr", baseline[n], step)
     writer.add_scalar("val/psnr_mean", mean_psnr, step)
     for n, images in outputs.items():
-        writer.add_image(f"val/{n}fr_target_output_frames", image_grid(val, images, n), step)
+        writer.add_image(f"val_images/{n}fr", image_grid(val, images, n, grid_title(run, n, step)), step,
+                         dataformats="HWC")
     writer.flush()
     return improved
 
@@ -689,6 +770,8 @@ def _train(run: Run, ckpt: dict | None) -> dict:
             if run.master and (step % t.ckpt_every == 0 or step == t.steps):
                 save_last(run, model, optimizer, progress)
                 clock.exclude()
+        if writer:
+            log_hparams(run, writer, progress, baseline)
     finally:
         batches.close()  # shuts the loader's workers down
         if writer:
