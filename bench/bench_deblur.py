@@ -17,6 +17,7 @@ model width: seconds for each stage, s/MP/frame, tiles, peak GPU memory. Wall cl
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 import time
 from pathlib import Path
@@ -32,7 +33,7 @@ import trainer.align  # noqa: E402
 from trainer.align import align_burst  # noqa: E402
 from trainer.device import resolve_device  # noqa: E402
 from trainer.tiling import auto_overlap, run_tiled, tile_starts  # noqa: E402
-from trainer.model import ModelConfig, build_model  # noqa: E402
+from trainer.model import SHIPPED, ModelConfig, build_model, load  # noqa: E402
 
 
 def synthetic_burst(megapixels: float, frames: int, seed: int = 0) -> tuple[list[np.ndarray], np.ndarray]:
@@ -66,6 +67,53 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process so far, GB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def levers(args, aligned: list[np.ndarray], device: torch.device, batch: int, mp: float) -> int:
+    """The shipped model on ``aligned`` under each lever, alternated, best of ``args.rounds``.
+
+    A compiled lever's first run (compiling one graph per tile shape) is timed apart. The
+    difference to eager fp32 at 512 px (the old default) is the max |diff| and the PSNR (dB, of
+    float outputs in [0, 1]) over the image."""
+    from trainer.metrics import psnr
+
+    model = load(SHIPPED, device)
+    tiles = [int(t) for t in args.lever_tiles.split(",")]
+    cases = [("eager", "fp32", 512), ("eager", "bf16", 512)]
+    cases += [(mode, prec, t) for t in tiles for mode, prec in (("compiled", "fp32"), ("compiled", "bf16"))]
+    overlap = auto_overlap(model.cfg)
+    run_tiled(model, [f[:64, :64] for f in aligned], 64, overlap, device, batch)  # warm-up (eager)
+    best, first, outs = {}, {}, {}
+    for r in range(args.rounds):
+        for case in cases:
+            mode, prec, t = case
+            t0 = time.perf_counter()
+            out = run_tiled(model, aligned, t, overlap, device, batch, prec, compile=mode == "compiled")
+            s = time.perf_counter() - t0
+            if mode == "compiled" and case not in first:
+                first[case] = s  # includes compiling
+                continue
+            best[case] = min(best.get(case, float("inf")), s)
+            outs[case] = out
+        load_avg = " ".join(open("/proc/loadavg").read().split()[:3])
+        print(f"round {r + 1} done, load average {load_avg}", flush=True)
+    ref = outs[cases[0]]
+    print(f"{'mode':>8} {'prec':>4} {'tile':>5} {'best s':>7} {'s/MP/fr':>8} {'x today':>7} {'1st run s':>9} "
+          f"{'max|diff|':>9} {'PSNR dB':>8}")
+    for case in cases:
+        if case not in best:
+            continue
+        diff = float(np.abs(outs[case] - ref).max())
+        score = psnr(outs[case].astype(np.float64), ref.astype(np.float64), 1.0) if diff > 0 else float("inf")
+        print(f"{case[0]:>8} {case[1]:>4} {case[2]:>5} {best[case]:>7.2f} {best[case] / mp / len(aligned):>8.3f} "
+              f"{best[cases[0]] / best[case]:>7.2f} {first.get(case, float('nan')):>9.1f} {diff:>9.2e} {score:>8.2f}")
+    print(f"peak host memory {peak_rss_gb():.2f} GB")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto (default: cpu)")
@@ -76,6 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tile", type=int, default=512)
     p.add_argument("--batch", type=int, default=0, help="tiles per pass (default: 2 on CUDA, 1 on CPU)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (compile time reported apart)")
+    p.add_argument("--levers", action="store_true",
+                   help="with --widths shipped: alternate eager/compiled x fp32/bf16 (and tile sizes, --lever-tiles) "
+                        "on the aligned burst, best of --rounds, with the difference to eager fp32")
+    p.add_argument("--lever-tiles", default="512,1024", help="tile sizes for --levers (default: 512,1024)")
+    p.add_argument("--rounds", type=int, default=2, help="rounds for --levers (default: 2)")
+    p.add_argument("--fba", action="store_true", help="also time Fourier Burst Accumulation on the aligned burst")
     p.add_argument("--no-align", action="store_true", help="time the model only")
     p.add_argument("--warp", choices=("opencv", "scipy"), default="opencv",
                    help="full-resolution warp: opencv (what deblur uses) or the scipy band warp it replaced, "
@@ -108,32 +163,52 @@ def main(argv: list[str] | None = None) -> int:
               f"{align_s / mp / args.frames:.3f} s/MP/frame, "
               f"centre shift error max {max(errors, default=0):.3f} px")
 
+    if args.fba:
+        from trainer.baselines import fba
+
+        t0 = time.perf_counter()
+        fba(np.stack(aligned).astype(np.float32) / 255)
+        fba_s = time.perf_counter() - t0
+        print(f"FBA on the aligned burst: {fba_s:.2f} s = {fba_s / mp / args.frames:.3f} s/MP/frame, "
+              f"peak host memory so far {peak_rss_gb():.2f} GB")
+    if args.levers:
+        return levers(args, aligned, device, batch, mp)
+
     header = (f"{'width':>5} {'params':>8} {'overlap':>7} {'tiles':>5} {'align s':>8} {'model s':>8} "
-              f"{'total s':>8} {'model s/MP/fr':>13} {'total s/MP/fr':>13} {'peak GPU GB':>11}")
+              f"{'total s':>8} {'model s/MP/fr':>13} {'total s/MP/fr':>13} {'peak GPU GB':>11} {'peak host GB':>12}")
     rows = []
-    widths = [] if args.widths == "none" else [int(x) for x in args.widths.split(",")]
+    widths = [] if args.widths == "none" else args.widths.split(",")
     for width in widths:
-        cfg = ModelConfig(width=width)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            model = build_model(cfg).to(device).eval()
+        if width == "shipped":
+            model = load(SHIPPED, device)
+            cfg = model.cfg
+        else:
+            cfg = ModelConfig(width=int(width))
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                model = build_model(cfg).to(device).eval()
         params = sum(p.numel() for p in model.parameters()) / 1e6
         overlap = auto_overlap(cfg)  # warm-up: the receptive-field probe is cached
         tiles = (len(tile_starts(h, args.tile, overlap, cfg.multiple))
                  * len(tile_starts(w, args.tile, overlap, cfg.multiple)))
-        warm = [f[: min(h, args.tile), : min(w, args.tile)] for f in aligned]
-        run_tiled(model, warm, args.tile, overlap, device, batch, args.precision)  # warm-up pass
+        (y0, y1), (x0, x1) = tile_starts(h, args.tile, overlap, cfg.multiple)[0], tile_starts(w, args.tile, overlap, cfg.multiple)[0]
+        warm = [f[y0:y1, x0:x1] for f in aligned]  # the first tile's shape: compiled once
+        t0 = time.perf_counter()
+        run_tiled(model, warm, args.tile, overlap, device, batch, args.precision, compile=args.compile)  # warm-up
+        warm_s = time.perf_counter() - t0
+        if args.compile:
+            print(f"compile + first tile: {warm_s:.1f} s (a tile shape not seen yet compiles again in the run)")
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         sync(device)
         t0 = time.perf_counter()
-        run_tiled(model, aligned, args.tile, overlap, device, batch, args.precision)
+        run_tiled(model, aligned, args.tile, overlap, device, batch, args.precision, compile=args.compile)
         sync(device)
         model_s = time.perf_counter() - t0
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
         total = align_s + model_s
-        rows.append(f"{width:>5} {params:>7.2f}M {overlap:>7} {tiles:>5} {align_s:>8.2f} {model_s:>8.2f} {total:>8.2f} "
-                    f"{model_s / mp / args.frames:>13.3f} {total / mp / args.frames:>13.3f} {peak:>11.2f}")
+        rows.append(f"{str(width):>5} {params:>7.2f}M {overlap:>7} {tiles:>5} {align_s:>8.2f} {model_s:>8.2f} {total:>8.2f} "
+                    f"{model_s / mp / args.frames:>13.3f} {total / mp / args.frames:>13.3f} {peak:>11.2f} {peak_rss_gb():>12.2f}")
         print(rows[-1] if len(rows) > 1 else header + "\n" + rows[-1], flush=True)
     return 0
 

@@ -84,3 +84,14 @@ def test_out_of_memory_on_one_tile_is_a_user_error():
     frames = [np.zeros((120, 150, 3), np.uint8)] * 2
     with pytest.raises(UserError, match="out of GPU memory on a single .* tile of 2 frames; use a smaller --tile"):
         run_tiled(AlwaysOutOfMemory(make_model()), frames, tile=112, batch=2)
+
+
+def test_bf16_on_cpu_stays_close_to_fp32():
+    # bf16 autocast runs on the CPU too (AVX512-BF16/AMX make it faster there); it only rounds:
+    # the shipped model's 1 MP x 8 burst moved by well under 1/255 (docs/benchmarks.md)
+    model = make_model()
+    rng = np.random.default_rng(2)
+    frames = [rng.integers(0, 256, (96, 112, 3), dtype=np.uint8) for _ in range(3)]
+    fp32 = run_tiled(model, frames, tile=512)
+    bf16 = run_tiled(model, frames, tile=512, precision="bf16")
+    assert bf16.dtype == np.float32 and 0 < np.abs(bf16 - fp32).max() < 0.05

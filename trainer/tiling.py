@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import weakref
 from typing import Sequence
 
 import numpy as np
@@ -110,24 +111,45 @@ def _ramp_window(size: int, before: bool, after: bool, overlap: int) -> np.ndarr
     return w
 
 
-@torch.no_grad()
 def run_tiled(model: torch.nn.Module, frames: Sequence[np.ndarray], tile: int = 512, overlap: int | None = None,
               device: str | torch.device = "cpu", batch: int = 1, precision: str = "fp32",
-              progress: bool = False) -> np.ndarray:
+              progress: bool = False, compile: bool = False) -> np.ndarray:
     """Run ``model`` on a burst too large for one pass, tile by tile.
 
     frames: N aligned RGB uint8 (H, W, 3) on the host. Tiles of ``tile`` px overlapping by
     ``overlap`` px (None: ``auto_overlap`` of the model, which makes the result equal to one
     untiled pass up to float rounding) go to ``device`` ``batch`` at a time as uint8 and are
-    converted there. precision: "fp32" or "bf16" (autocast, CUDA). Returns float32 (H, W, 3) in [0, 1].
+    converted there. precision: "fp32" or "bf16" (autocast; on CPUs with AVX512-BF16 or AMX too).
+    compile: run ``torch.compile(model)`` (needs a C++ compiler on CPU; costs ~30 s once per tile
+    shape on a 2-core CPU, saves half the model time or more there: docs/benchmarks.md; fp32
+    output equal to the eager one up to float rounding). Runs under inference_mode.
+    Returns float32 (H, W, 3) in [0, 1].
     """
-    device = torch.device(device)
     cfg = getattr(model, "cfg", None)
-    multiple = cfg.multiple if cfg is not None else 1
     if overlap is None:
         if cfg is None:
             raise ValueError("this model has no .cfg; pass overlap explicitly")  # API misuse, not user input
-        overlap = auto_overlap(cfg)
+        overlap = auto_overlap(cfg)  # outside inference_mode: the receptive-field probe needs autograd
+    forward = _compiled(model) if compile else model
+    with torch.inference_mode():
+        return _run_tiles(forward, frames, tile, overlap, torch.device(device), batch, precision, progress,
+                          cfg.multiple if cfg is not None else 1)
+
+
+_COMPILED: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakref.WeakKeyDictionary()
+
+
+def _compiled(model: torch.nn.Module) -> torch.nn.Module:
+    """One torch.compile wrapper per model, so later calls reuse its compiled graphs. Static
+    shapes: one graph per tile shape (at most 4); inductor's dynamic-shape recompile fails on
+    this model in torch 2.13 (TensorReferenceAnalysis has no python_mod)."""
+    if model not in _COMPILED:
+        _COMPILED[model] = torch.compile(model, dynamic=False)
+    return _COMPILED[model]
+
+
+def _run_tiles(model, frames, tile: int, overlap: int, device: torch.device, batch: int, precision: str,
+               progress: bool, multiple: int) -> np.ndarray:
     rows, cols = frames[0].shape[:2]
     ys = tile_starts(rows, tile, overlap, multiple)
     xs = tile_starts(cols, tile, overlap, multiple)
