@@ -11,7 +11,7 @@ RUN     ?= runs/default
 WORKERS ?= 2
 ENGINE  ?= ray
 
-.PHONY: help setup shards inspect verify train eval all test bench quality pretrained clean
+.PHONY: help setup shards inspect verify train eval all test bench quality pretrained gpu-session clean
 
 help:
 	@echo "make setup    create .venv with the pinned requirements and the package (editable)"
@@ -24,6 +24,7 @@ help:
 	@echo "make bench    run the benchmarks in bench/"
 	@echo "make quality  the quality benchmark: shipped and make-all models vs FBA on real photos"
 	@echo "make pretrained  reproduce the shipped model models/burst-deblur.pt (~1 h on a CPU)"
+	@echo "make gpu-session  one timed GPU session (render, train benchmark, deblur timing, training) into $(GPU_OUT)"
 
 setup: $(STAMP)
 
@@ -79,6 +80,14 @@ pretrained: $(STAMP)
 	$(BIN)/python -m trainer train --config configs/train/pretrained.toml --data shards/pretrained \
 		--out runs/pretrained $(if $(wildcard runs/pretrained/last.pt),--resume)
 	$(BIN)/python -m trainer export --checkpoint runs/pretrained/best.pt --out models/burst-deblur.pt
+
+# One GPU session inside GPU_BUDGET seconds (bench/gpu_session.py; docs/benchmarks.md, GPU section).
+# GPU_ARGS=--tiny runs it at tiny size on a CPU in about a minute.
+GPU_OUT    ?= runs/gpu-session
+GPU_BUDGET ?= 600
+GPU_ARGS   ?=
+gpu-session: $(STAMP)
+	$(BIN)/python bench/gpu_session.py --budget-s $(GPU_BUDGET) --out $(GPU_OUT) $(GPU_ARGS)
 
 clean:
 	rm -rf $(VENV)
