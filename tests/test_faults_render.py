@@ -62,6 +62,12 @@ def wait_for(cond, what: str):
     raise AssertionError(f"gave up waiting for {what}")
 
 
+def held_env(marker: Path, shard: str = "train-000001.tar") -> dict:
+    """The environment of a render whose worker holds at ``shard`` (creating ``marker``) until it
+    is signalled: the test interrupts it at a known point, never racing its end."""
+    return dict(os.environ, PIPELINE_HOLD=f"{shard}:{marker}")
+
+
 def children(pid: int) -> dict[int, str]:
     """Live (not zombie) child processes of ``pid``: {pid: start time}, from /proc."""
     return {p: start for p, (ppid, _, start) in proc_table().items() if ppid == pid}
@@ -215,12 +221,12 @@ def test_takeover_does_not_remove_a_lock_that_changed_hands(tmp_path):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_pool_workers_die_when_the_driver_is_killed(tmp_path):
-    out = tmp_path / "d"
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *LONG, "--out", str(out)], cwd=ROOT,
+    out, held = tmp_path / "d", tmp_path / "held"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *LONG, "--out", str(out)], cwd=ROOT, env=held_env(held),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        # once a shard is done the pool is up, and 99 shards are still to do
-        wait_for(lambda: list(out.glob("stats/*.json")) or proc.poll() is not None, "a finished shard")
+        # a worker holds at train-000001.tar: the pool is up and the render cannot finish first
+        wait_for(lambda: held.exists() or proc.poll() is not None, "the held shard")
         assert proc.poll() is None, "the render ended early"
         left = children(proc.pid)  # the pool's workers and multiprocessing's resource tracker
         assert any(b"spawn_main" in cmdline(pid) for pid in left)
@@ -234,11 +240,11 @@ def test_pool_workers_die_when_the_driver_is_killed(tmp_path):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_sigterm_stops_the_render_releases_the_lock_and_its_workers(tmp_path):
-    out = tmp_path / "d"
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *LONG, "--out", str(out)], cwd=ROOT,
+    out, held = tmp_path / "d", tmp_path / "held"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *LONG, "--out", str(out)], cwd=ROOT, env=held_env(held),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        wait_for(lambda: list(out.glob("stats/*.json")) or proc.poll() is not None, "a finished shard")
+        wait_for(lambda: held.exists() or proc.poll() is not None, "the held shard")
         assert proc.poll() is None, "the render ended early"
         workers = children(proc.pid)
         assert any(b"spawn_main" in cmdline(pid) for pid in workers)
@@ -364,8 +370,8 @@ def pipe_holders(*streams) -> set[int]:
 
 def start_held_ray_render(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
     out, held = tmp_path / "d", tmp_path / "held"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a local instance, ours
-    env["PIPELINE_HOLD"] = f"train-000000.tar:{held}"
+    env = held_env(held, "train-000000.tar")
+    env.pop("RAY_ADDRESS", None)  # a local instance, ours
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", *RAY, "--out", str(out)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     wait_for(lambda: held.exists() or proc.poll() is not None, "the held shard")

@@ -59,9 +59,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from common.bundled import find_config
 from common.config import ConfigError
 from common.errors import UserError, one_line, run_cli
+from common.files import atomic_write_bytes
 from common.version import add_version
 from trainer import data as data_mod
-from pipeline.format import atomic_write_bytes
 from trainer.baselines import mean_frames
 from trainer.checkpoint import (TRAINING_KEYS, CheckpointError, load_checkpoint, peek, read_config, save_atomic,
                                 software_versions)
