@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                         "on the aligned burst, best of --rounds, with the difference to eager fp32")
     p.add_argument("--lever-tiles", default="512,1024", help="tile sizes for --levers (default: 512,1024)")
     p.add_argument("--rounds", type=int, default=2, help="rounds for --levers (default: 2)")
-    p.add_argument("--fba", action="store_true", help="also time Fourier Burst Accumulation on the aligned burst")
+    p.add_argument("--fba", action="store_true", help="also time Fourier Burst Accumulation (trainer/fba.py, a guided model's guide) on the aligned burst")
     p.add_argument("--no-align", action="store_true", help="time the model only")
     p.add_argument("--warp", choices=("opencv", "scipy"), default="opencv",
                    help="full-resolution warp: opencv (what deblur uses) or the scipy band warp it replaced, "
@@ -164,12 +164,14 @@ def main(argv: list[str] | None = None) -> int:
               f"centre shift error max {max(errors, default=0):.3f} px")
 
     if args.fba:
-        from trainer.baselines import fba
+        # trainer/fba.py: the evaluation's FBA (baselines.fba) in float32 torch, frame by frame;
+        # also the guide a guide = "fba" model computes once per burst inside run_tiled
+        from trainer.fba import fba_frames
 
         t0 = time.perf_counter()
-        fba(np.stack(aligned).astype(np.float32) / 255)
+        fba_frames(aligned, device)
         fba_s = time.perf_counter() - t0
-        print(f"FBA on the aligned burst: {fba_s:.2f} s = {fba_s / mp / args.frames:.3f} s/MP/frame, "
+        print(f"FBA on the aligned burst (trainer/fba.py): {fba_s:.2f} s = {fba_s / mp / args.frames:.3f} s/MP/frame, "
               f"peak host memory so far {peak_rss_gb():.2f} GB")
     if args.levers:
         return levers(args, aligned, device, batch, mp)

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from trainer import data
+from trainer.fba import fba_frames
 from trainer.data import (DataError, TrainStream, augment, geometry_target, iter_samples, load_val_set, read_manifest,
                           shifted_crop)
 
@@ -140,6 +141,25 @@ def test_augmentation_is_joint_on_burst_and_target():
             assert np.array_equal(frame, t)
         outputs.add(t.tobytes())
     assert len(outputs) > 12  # crops, flips and rotations actually vary
+
+
+def test_augmentation_cuts_the_fba_guide_like_the_burst():
+    # The guide is the FBA of the chosen frames over the whole stored window, then cut, flipped
+    # and rotated with the burst; the random draws do not change with it. With the crop the
+    # whole window, it is the FBA of the returned frames (FBA commutes with the 8 symmetries).
+    rng = np.random.default_rng(3)
+    burst = rng.integers(0, 256, (5, 40, 40, 3), dtype=np.uint8)
+    target = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    for seed in range(6):
+        b, t, g = augment(burst, target, 3, 40, np.random.default_rng(seed), guide=True)
+        b0, t0 = augment(burst, target, 3, 40, np.random.default_rng(seed))
+        assert np.array_equal(b, b0) and np.array_equal(t, t0)
+        assert g.dtype == np.float32 and g.shape == (40, 40, 3)
+        np.testing.assert_allclose(g, fba_frames(b)[0].permute(1, 2, 0).numpy(), atol=1e-5)
+    # a smaller crop is a window of the whole-window FBA, not the FBA of the crop
+    b, _, g = augment(burst, target, 4, 16, np.random.default_rng(0), guide=True)
+    assert g.shape == (16, 16, 3)
+    assert np.abs(g - fba_frames(b)[0].permute(1, 2, 0).numpy()).max() > 1e-3
 
 
 def test_augmentation_draws_a_random_subset_and_order_of_frames():

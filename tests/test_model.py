@@ -8,6 +8,7 @@ import torch
 
 from pipeline.config import ConfigError, load_config
 from trainer.losses import burst_loss
+from trainer.fba import fba
 from trainer.model import BurstDeblurNet, ModelConfig, build_model, load
 
 SMALL = dict(width=8, mults=[1, 2, 3])  # 3 levels: pads to a multiple of 4
@@ -120,6 +121,37 @@ def test_reference_geometry_is_invariant_to_the_order_of_the_other_frames():
         c = model(burst[:, [2, 0, 1, 3, 4]])  # another frame becomes the reference
     assert (a - b).abs().max().item() <= 1e-12
     assert (a - c).abs().max().item() > 1e-4
+
+
+def test_fba_guided_model_is_invariant_and_sees_the_guide():
+    model = make_model(guide="fba", dtype=torch.float64)
+    assert model.stem.in_channels == 6  # each frame beside the burst's FBA
+    burst = rand_burst((2, 5, 3, 37, 50), dtype=torch.float64)
+    with torch.no_grad():
+        a = model(burst)
+        b = model(burst[:, [3, 0, 4, 2, 1]])
+        # the FBA of a larger window, given, replaces the one computed from the burst
+        given = model(burst, fba(burst))
+        other = model(burst, fba(burst[:, :3]))
+        # the head still corrects the mean of the frames: at a zero last conv the output is the mean
+        model.head[-1].parametrizations.weight.original0.zero_()
+        bare = model(burst)
+    assert (a - b).abs().max().item() <= 1e-12
+    assert torch.equal(given, a)
+    assert (other - a).abs().max().item() > 1e-4
+    torch.testing.assert_close(bare, burst.mean(dim=1), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="guide must be"):
+        model(burst, fba(burst)[..., :-1])
+
+
+def test_checkpoints_without_a_guide_key_load_unguided(tmp_path):
+    model = make_model()
+    path = tmp_path / "old.pt"
+    cfg = {k: v for k, v in dataclasses.asdict(model.cfg).items() if k != "guide"}
+    torch.save({"model": model.state_dict(), "config": {"model": cfg}, "step": 1}, path)
+    assert load(path).cfg.guide == "none"
+    with pytest.raises(ConfigError, match="model.guide must be"):
+        ModelConfig(guide="mean").validate()
 
 
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])

@@ -135,6 +135,20 @@ def test_checkpoints_logs_and_exact_resume(tiny_shards, tmp_path):
     assert out.shape == (1, 3, 20, 28) and not model.training
 
 
+def test_fba_guided_model_trains_resumes_exactly_and_loads(tiny_shards, tmp_path):
+    """model.guide = "fba": batches carry the guide, resume is still exact, the loaded model runs."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    guided = ["--set", "model.guide=fba"]
+    assert run_cli(["--out", str(straight)] + tiny_sets(tiny_shards) + guided) == 0
+    assert run_cli(["--out", str(split)] + tiny_sets(tiny_shards, steps=3) + guided) == 0
+    assert train_mod.main(["--out", str(split), "--resume", "--set", "train.steps=6"]) == 0
+    a, b = weights(straight / "last.pt"), weights(split / "last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    model = trainer.model.load(straight / "best.pt")
+    assert model.cfg.guide == "fba" and model.stem.in_channels == 6
+    assert model(torch.rand(1, 3, 3, 20, 28)).shape == (1, 3, 20, 28)
+
+
 def check_tensorboard_extras(tb: Path, steps: int) -> None:
     """The run's TensorBoard beside the curves: the resolved config as text, the hyperparameters
     with the final metrics (once, at the last step), a layout charting the model's PSNR with the

@@ -36,7 +36,10 @@ dropped.
 
 Every subset starts with stored frame 0, the burst's reference. For a model of geometry "mean"
 (the default) the target is cut at the mean residual shift of the frames drawn (``augment``,
-``shifted_crop``), so the output geometry follows from the frames alone.
+``shifted_crop``), so the output geometry follows from the frames alone. For a model with
+``guide = "fba"`` every batch also carries "guide": the FBA of each sample's chosen frames over
+the whole stored window (as evaluation and deblur compute it over the whole image), float32
+(B, crop, crop, 3), cut and flipped like the burst.
 
 Bursts stay uint8 (B, n, crop, crop, 3) on the way to the device (targets are uint8, or float32
 0..255 when moved by a sub-pixel shift); the train loop converts them to float there.
@@ -55,6 +58,7 @@ import torch
 from common.config import ConfigError
 from pipeline import format as fmt
 from pipeline.format import DataError, Manifest, read_manifest
+from trainer.fba import fba_frames
 
 ROUND_MIN_SAMPLES = 512  # a round emits at least this many samples and 8 shuffle buffers' worth
 
@@ -284,7 +288,7 @@ def reference_subset(rng: np.random.Generator, stored: int, n: int) -> np.ndarra
 
 
 def augment(burst: np.ndarray, target: np.ndarray, n: int, crop: int, rng: np.random.Generator,
-            shifts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+            shifts: np.ndarray | None = None, guide: bool = False) -> tuple[np.ndarray, ...]:
     """One random crop/flip/rotation applied jointly to burst and target, and n of the frames.
 
     burst: uint8 (N, H, W, 3), target: uint8 (H, W, 3) -> burst uint8 (n, crop, crop, 3) made of
@@ -296,6 +300,11 @@ def augment(burst: np.ndarray, target: np.ndarray, n: int, crop: int, rng: np.ra
     ``shifts`` (N, 2), the frames' residual shifts, given for a model of geometry "mean": the
     target is then cut at the mean shift of the chosen frames (``shifted_crop``, float32 0..255),
     and the crop keeps |mean shift| + 3 px away from the borders so that it stays exact.
+
+    ``guide`` (for a model with ``guide = "fba"``): also return, third, the Fourier Burst
+    Accumulation of the n chosen frames over the whole stored window (as ``evaluate`` and
+    ``deblur`` compute it over the whole image), cut and flipped like the burst: float32
+    (crop, crop, 3) in [0, 1]. The random draws are the same with and without it.
     """
     frames, h, w, _ = burst.shape
     order = reference_subset(rng, frames, n)
@@ -306,10 +315,13 @@ def augment(burst: np.ndarray, target: np.ndarray, n: int, crop: int, rng: np.ra
     flip, k = bool(rng.integers(2)), int(rng.integers(4))
     b = burst[order, y:y + crop, x:x + crop]
     t = shifted_crop(target, y, x, crop, (float(m[0]), float(m[1]))) if m.any() else target[y:y + crop, x:x + crop]
+    out = [b, t]
+    if guide:
+        out.append(fba_frames(burst[order])[0].permute(1, 2, 0).numpy()[y:y + crop, x:x + crop])
     if flip:
-        b, t = b[:, :, ::-1], t[:, ::-1]
-    b, t = np.rot90(b, k, axes=(1, 2)), np.rot90(t, k, axes=(0, 1))
-    return np.ascontiguousarray(b), np.ascontiguousarray(t)
+        out = [b[:, :, ::-1]] + [a[:, ::-1] for a in out[1:]]
+    out = [np.rot90(out[0], k, axes=(1, 2))] + [np.rot90(a, k, axes=(0, 1)) for a in out[1:]]
+    return tuple(np.ascontiguousarray(a) for a in out)
 
 
 def burst_length(seed: int, step: int, lo: int, hi: int) -> int:
@@ -332,7 +344,7 @@ class TrainStream(torch.utils.data.IterableDataset):
     def __init__(self, data_dir: str | Path, split: str, *, steps: int, batch_size: int, seed: int,
                  crop: int, min_frames: int, max_frames: int, shuffle_buffer: int,
                  num_workers: int = 0, rank: int = 0, world_size: int = 1, start_step: int = 0,
-                 on_bad_shard: str = "error", geometry: str = "mean"):
+                 on_bad_shard: str = "error", geometry: str = "mean", guide: bool = False):
         manifest = read_manifest(data_dir)
         self.frames, self.size = stored_shape(manifest)
         if crop > self.size or max_frames > self.frames:
@@ -341,6 +353,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         self.crop, self.min_frames, self.max_frames = crop, min_frames, max_frames
         self.shuffle_buffer, self.on_bad_shard = shuffle_buffer, on_bad_shard
         self.geometry = geometry  # the model's output geometry (model.geometry): where targets are cut
+        self.guide = guide  # model.guide == "fba": every batch also carries "guide", the FBA of each burst
         self.num_workers = num_workers  # DataLoader processes; 0 reads in the main process
         self.workers = max(1, num_workers)  # readers per rank
         self.rank, self.world_size, self.start_step = rank, world_size, start_step
@@ -397,10 +410,11 @@ class TrainStream(torch.utils.data.IterableDataset):
         n = burst_length(self.seed, step, self.min_frames, self.max_frames)
         rng = np.random.default_rng([self.seed, _TAG_AUGMENT, self.rank, step])
         mean = self.geometry == "mean"
-        pairs = [augment(s["burst"], s["target"], n, self.crop, rng, s["shift"] if mean else None) for s in samples]
-        return {
-            "burst": torch.from_numpy(np.stack([b for b, _ in pairs])),
-            "target": torch.from_numpy(np.stack([t for _, t in pairs])),
+        items = [augment(s["burst"], s["target"], n, self.crop, rng, s["shift"] if mean else None, self.guide)
+                 for s in samples]
+        batch = {
+            "burst": torch.from_numpy(np.stack([item[0] for item in items])),
+            "target": torch.from_numpy(np.stack([item[1] for item in items])),
             "step": step,
             "keys": [s["key"] for s in samples],
             "shards": [s["shard"] for s in samples],
@@ -408,6 +422,9 @@ class TrainStream(torch.utils.data.IterableDataset):
             "skipped_shards": state.skipped_shards,
             "skipped_samples": state.skipped_samples,
         }
+        if self.guide:
+            batch["guide"] = torch.from_numpy(np.stack([item[2] for item in items]))
+        return batch
 
     def _slot_samples(self, slot: int, batch_index: int, state: _ReaderState) -> Iterator[dict]:
         """Decoded samples of one slot from its ``batch_index``-th batch on, forever."""

@@ -6,7 +6,8 @@ with a *set conv*: the per-pixel max over the N frames of the incoming features 
 each frame's own features, so every track sees what the others see. The max is symmetric, so the
 output does not depend on the order of the frames, and any N >= 1 works. After the decoder a last
 max over frames leaves one feature map per burst, from which a small head predicts a correction
-that is added to the mean of the frames.
+that is added to the mean of the frames. With ``guide = "fba"`` the Fourier Burst Accumulation of
+the frames (also symmetric in them) is fed to every track beside its frame.
 
     burst (B,N,3,H,W) ── fold (B*N,3,H,W) ─► stem ─► enc0 ──► enc1 ──► enc2 ──► enc3
                                                       │skip     │skip     │skip     │
@@ -35,6 +36,7 @@ from torch.nn.utils.parametrizations import weight_norm
 from common.bundled import bundled
 from common.config import ConfigError, check, from_dict
 from trainer.checkpoint import INFERENCE_KEYS, CheckpointError, load_checkpoint
+from trainer.fba import fba
 
 
 @dataclass
@@ -55,6 +57,14 @@ class ModelConfig:
     #   a learned offset after the stem so the net can tell it apart; the output is invariant to
     #   the order of frames 1..N-1 only.
     geometry: str = "mean"
+    # What the network starts from:
+    # "none": the mean of the frames (the paper's); the head's output is a correction to it.
+    # "fba": also give the net Fourier Burst Accumulation of the frames (trainer/fba.py), a
+    #   classical deblurred estimate that is symmetric in the frames: every frame's track sees it
+    #   beside the frame (6 input channels); the head still corrects the mean. forward computes it
+    #   from the burst it is given unless the caller passes the FBA of a larger window (training
+    #   crops and deblur tiles pass the FBA of the whole image). Old checkpoints load as "none".
+    guide: str = "none"
 
     def validate(self) -> None:
         check(1 <= self.width <= 4096, f"model.width must be in 1..4096, got {self.width}")
@@ -66,6 +76,7 @@ class ModelConfig:
               f"model.convs_per_block must be in 1..16, got {self.convs_per_block}")
         check(self.geometry in ("mean", "reference"),
               f"model.geometry must be 'mean' or 'reference', got '{self.geometry}'")
+        check(self.guide in ("none", "fba"), f"model.guide must be 'none' or 'fba', got '{self.guide}'")
 
     @property
     def multiple(self) -> int:
@@ -178,7 +189,7 @@ class BurstDeblurNet(nn.Module):
         dec = [round(cfg.width * cfg.out_mult)] + enc[1:-1]  # decoder channels, levels 0..L-2
         k, fused = cfg.convs_per_block, cfg.fused
 
-        self.stem = conv3x3(3, enc[0])
+        self.stem = conv3x3(6 if cfg.guide == "fba" else 3, enc[0])
         if cfg.geometry == "reference":
             self.reference_embed = nn.Parameter(torch.zeros(enc[0]))
         # level 0 keeps the resolution; every deeper level starts with a stride-2 set conv
@@ -208,7 +219,10 @@ class BurstDeblurNet(nn.Module):
         """
         return is_channels_last(self.stem.parametrizations.weight.original1)
 
-    def forward(self, burst: Tensor) -> Tensor:
+    def forward(self, burst: Tensor, guide: Tensor | None = None) -> Tensor:
+        """burst float (B, N, 3, H, W) -> (B, 3, H, W). guide: for ``guide = "fba"`` models, the
+        FBA (B, 3, H, W) of the window this burst was cut from; None computes it from ``burst``.
+        Ignored by models without a guide."""
         if burst.dim() != 5 or burst.shape[2] != 3 or min(burst.shape) < 1:
             raise ValueError(f"burst must be (B, N, 3, H, W) with B, N, H, W >= 1, got {tuple(burst.shape)}")
         if not burst.is_floating_point():
@@ -216,8 +230,20 @@ class BurstDeblurNet(nn.Module):
         n, h, w = burst.shape[1], burst.shape[3], burst.shape[4]
         # predict a correction to the mean: the mean is already a denoised (if blurry) estimate
         # and is invariant to frame order, so the net starts from a sensible image and only has
-        # to learn the deblurring; it also keeps the colours anchored for N = 1.
-        mean = burst.mean(dim=1)
+        # to learn the deblurring; it also keeps the colours anchored for N = 1. The FBA guide is
+        # an input, not the base: a net that corrected FBA started close to its target and, on
+        # the shipped model's recipe, switched its correction off within 250 steps (output = FBA
+        # for good; also with the head's gain frozen; docs/benchmarks.md).
+        if self.cfg.guide == "fba":
+            if guide is None:
+                guide = fba(burst)
+            elif guide.shape != (burst.shape[0], 3, h, w):
+                raise ValueError(f"guide must be (B, 3, H, W) = {(burst.shape[0], 3, h, w)}, got {tuple(guide.shape)}")
+            guide = guide.to(burst.dtype)
+            mean = burst.mean(dim=1)
+            burst = torch.cat([burst, guide.unsqueeze(1).expand(-1, n, -1, -1, -1)], dim=2)  # (B, N, 6, H, W)
+        else:
+            mean = burst.mean(dim=1)
 
         # replicate (not reflect) padding also works for images smaller than the padding
         p = self.cfg.multiple

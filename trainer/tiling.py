@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from common.errors import UserError
 from trainer.device import burst_to_input
+from trainer.fba import fba_frames
 
 
 RAMP = 16  # px of raised-cosine cross-fade between neighbouring tiles
@@ -55,8 +56,10 @@ def _measure_radius(model_cfg, build_model) -> int:
     while True:
         x = torch.rand(1, 2, 3, size, size, generator=gen, requires_grad=True)
         c = size // 2 - size // 2 % m
+        # a guided model gets its guide given: computed inside, FBA would make the field global
+        guide = x.detach().mean(dim=1) if probe_cfg.guide == "fba" else None
         with torch.enable_grad():  # callers may be under no_grad
-            probe(x)[..., c : c + m, c : c + m].sum().backward()
+            probe(x, guide)[..., c : c + m, c : c + m].sum().backward()
         support = (x.grad.abs().sum(dim=(0, 1, 2)) > 0).nonzero()
         lo, hi = support.min(dim=0).values, support.max(dim=0).values
         if lo.min() > 0 and hi.max() < size - 1:
@@ -123,6 +126,8 @@ def run_tiled(model: torch.nn.Module, frames: Sequence[np.ndarray], tile: int = 
     compile: run ``torch.compile(model)`` (needs a C++ compiler on CPU; costs ~30 s once per tile
     shape on a 2-core CPU, saves half the model time or more there: docs/benchmarks.md; fp32
     output equal to the eager one up to float rounding). Runs under inference_mode.
+    A model with ``guide = "fba"`` gets the FBA of the whole burst (computed once, frame by frame,
+    on ``device``), cut like the frames, so tiles see the estimate an untiled pass would.
     Returns float32 (H, W, 3) in [0, 1].
     """
     cfg = getattr(model, "cfg", None)
@@ -132,8 +137,11 @@ def run_tiled(model: torch.nn.Module, frames: Sequence[np.ndarray], tile: int = 
         overlap = auto_overlap(cfg)  # outside inference_mode: the receptive-field probe needs autograd
     forward = _compiled(model) if compile else model
     with torch.inference_mode():
+        guide = None
+        if cfg is not None and getattr(cfg, "guide", "none") == "fba":
+            guide = fba_frames(frames, device)[0].permute(1, 2, 0).cpu().numpy()  # float32 (H, W, 3)
         return _run_tiles(forward, frames, tile, overlap, torch.device(device), batch, precision, progress,
-                          cfg.multiple if cfg is not None else 1)
+                          cfg.multiple if cfg is not None else 1, guide)
 
 
 _COMPILED: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakref.WeakKeyDictionary()
@@ -149,7 +157,7 @@ def _compiled(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _run_tiles(model, frames, tile: int, overlap: int, device: torch.device, batch: int, precision: str,
-               progress: bool, multiple: int) -> np.ndarray:
+               progress: bool, multiple: int, guide: np.ndarray | None = None) -> np.ndarray:
     rows, cols = frames[0].shape[:2]
     ys = tile_starts(rows, tile, overlap, multiple)
     xs = tile_starts(cols, tile, overlap, multiple)
@@ -169,12 +177,16 @@ def _run_tiles(model, frames, tile: int, overlap: int, device: torch.device, bat
         host = np.stack([np.stack([f[y0:y1, x0:x1] for f in frames]) for y0, y1, x0, x1 in boxes])  # (B,N,h,w,3)
         try:
             x = burst_to_input(torch.from_numpy(host), device, non_blocking=True)
+            g = None
+            if guide is not None:
+                g = np.stack([guide[y0:y1, x0:x1] for y0, y1, x0, x1 in boxes])  # (B, h, w, 3)
+                g = torch.from_numpy(g).to(device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
             with autocast:
-                out = model(x)
+                out = model(x, g) if g is not None else model(x)
             out = out.float().clamp_(0, 1).permute(0, 2, 3, 1).cpu().numpy()
         except torch.OutOfMemoryError:
             # The memory a tile needs grows with frames and width; rather than guess, halve the batch.
-            x = out = None
+            x = g = out = None
             torch.cuda.empty_cache()
             if len(boxes) == 1:
                 y0, y1, x0, x1 = boxes[0]

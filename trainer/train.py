@@ -493,7 +493,7 @@ def open_batches(run: Run, start_step: int) -> tuple[data_mod.TrainStream, Itera
         cfg.data.dir, cfg.data.train, steps=t.steps, batch_size=t.batch_size, seed=t.seed, crop=t.crop,
         min_frames=t.min_frames, max_frames=t.max_frames, shuffle_buffer=t.shuffle_buffer,
         num_workers=t.num_workers, rank=run.rank, world_size=run.world, start_step=start_step,
-        on_bad_shard=t.on_bad_shard, geometry=cfg.model.geometry)
+        on_bad_shard=t.on_bad_shard, geometry=cfg.model.geometry, guide=cfg.model.guide == "fba")
     return stream, data_mod.train_loader(stream, pin_memory=run.device.type == "cuda")
 
 
@@ -744,8 +744,11 @@ def _train(run: Run, ckpt: dict | None) -> dict:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             burst, target = to_device(batch, run.device, run.channels_last)
+            guide = batch.get("guide")  # model.guide = "fba": the FBA of each burst's whole stored window
+            if guide is not None:
+                guide = guide.to(run.device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
             with run.autocast():
-                pred = train_model(burst)
+                pred = train_model(burst, guide)
             loss = burst_loss(pred, target)
             losses.add(loss.detach(), progress.step)
             optimizer.zero_grad(set_to_none=True)
