@@ -2,9 +2,9 @@
 
 The same estimate as ``trainer.baselines.fba`` (Delbracio & Sapiro, CVPR 2015; numpy, float64,
 the reference the evaluation scores), written for batches of bursts on any device and for
-full-resolution frames: large frames are transformed one at a time (twice, and only the half spectrum of a real image),
-so a 12 MP × 8 burst needs the N smoothed magnitude spectra plus two half spectra of one frame
-(about 1 GB), not the N spectra.
+full-resolution frames: large frames are transformed one at a time (twice, and only the half
+spectrum of a real image), so a 12 MP × 8 burst needs the N smoothed magnitude spectra plus two
+half spectra of one frame (about 1 GB), not the N spectra.
 
 Per frequency f, the frames' Fourier coefficients are averaged with weights
 w_i(f) = M_i(f)^p / sum_j M_j(f)^p, M_i the channel-averaged magnitude of frame i smoothed by a
@@ -14,11 +14,12 @@ frames, so a network fed with it stays invariant to their order; with one frame 
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
 from torch import Tensor
+
+from trainer.device import image_to_target
 
 P = 11  # the paper's weight exponent
 KEEP_SPECTRA = 1 << 24  # frame pixels (B·N·3·H·W; 64 MB of half spectra in complex64) below which all are kept
@@ -103,10 +104,8 @@ def fba_frames(frames, device: str | torch.device = "cpu") -> Tensor:
     """FBA of one burst given as N uint8 (H, W, 3) arrays (e.g. a full-resolution aligned burst):
     float32 (1, 3, H, W) on ``device``; each frame is converted when it is needed."""
     def frame(i: int) -> Tensor:
-        return torch.from_numpy(frames[i]).to(device).permute(2, 0, 1)[None].float().div_(255)
+        return image_to_target(torch.from_numpy(frames[i])[None], device)
 
     with torch.no_grad(), torch.autocast(torch.device(device).type, enabled=False):
         return accumulate(frame, len(frames))
 
-
-__all__ = ["P", "accumulate", "fba", "fba_frames"]

@@ -234,16 +234,14 @@ class BurstDeblurNet(nn.Module):
         # an input, not the base: a net that corrected FBA started close to its target and, on
         # the shipped model's recipe, switched its correction off within 250 steps (output = FBA
         # for good; also with the head's gain frozen; docs/benchmarks.md).
+        mean = burst.mean(dim=1)
         if self.cfg.guide == "fba":
             if guide is None:
                 guide = fba(burst)
             elif guide.shape != (burst.shape[0], 3, h, w):
                 raise ValueError(f"guide must be (B, 3, H, W) = {(burst.shape[0], 3, h, w)}, got {tuple(guide.shape)}")
-            guide = guide.to(burst.dtype)
-            mean = burst.mean(dim=1)
-            burst = torch.cat([burst, guide.unsqueeze(1).expand(-1, n, -1, -1, -1)], dim=2)  # (B, N, 6, H, W)
-        else:
-            mean = burst.mean(dim=1)
+            guide = guide.to(burst.dtype).unsqueeze(1).expand(-1, n, -1, -1, -1)
+            burst = torch.cat([burst, guide], dim=2)  # (B, N, 6, H, W)
 
         # replicate (not reflect) padding also works for images smaller than the padding
         p = self.cfg.multiple
