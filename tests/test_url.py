@@ -263,6 +263,21 @@ def test_wids_reads_the_shard_list_over_http(served, tiny_shards, tmp_path):
         assert sample[".burst.npy"].getvalue() == insp_raw(tiny_shards, man.key("val", i))["burst.npy"]
 
 
+def test_webdataset_brace_notation_over_http_reads_the_local_samples(served, tiny_shards):
+    """webdataset's own brace list of shard URLs (the README's recipe with an http base) gives the
+    samples of the local folder, byte for byte, in shard order."""
+    import webdataset as wds
+
+    base, _ = served
+    over_http = list(wds.WebDataset(f"{base}/good/val-{{000000..000001}}.tar", shardshuffle=False))
+    local = list(wds.WebDataset(str(tiny_shards / "val-{000000..000001}.tar"), shardshuffle=False))
+    assert len(over_http) == len(local) == 8
+    for a, b in zip(over_http, local):
+        assert a["__key__"] == b["__key__"]
+        assert {k: v for k, v in a.items() if not k.startswith("__")} == {k: v for k, v in b.items()
+                                                                         if not k.startswith("__")}
+
+
 def insp_raw(root: Path, key: str) -> dict:
     split, shard, _ = fmt.parse_key(key)
     return next(r for r in fmt.iter_shard(root / fmt.shard_file(split, shard)) if r["__key__"] == key)

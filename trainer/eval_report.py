@@ -142,10 +142,10 @@ def plot_examples(shown: list[dict], path: Path, title: str) -> None:
         return
     n_frames = max(len(s["frames"]) for s in shown)
     cols = n_frames + 4
-    width, height = 1.6 * cols + 0.6, 1.85 * 3 * len(shown) + 1.0  # inches; 0.6 left for the row labels
+    width, height = 1.6 * cols + 0.6, 1.85 * 3 * len(shown) + 1.3  # inches; 0.6 left for the row labels
     fig = Figure(figsize=(width, height), dpi=100)
     axes = fig.subplots(3 * len(shown), cols, squeeze=False)
-    fig.subplots_adjust(left=0.6 / width, right=1 - 0.05 / width, bottom=0.05 / height, top=1 - 1.0 / height,
+    fig.subplots_adjust(left=0.6 / width, right=1 - 0.05 / width, bottom=0.05 / height, top=1 - 1.3 / height,
                         wspace=0.08, hspace=0.45)
     for e, s in enumerate(shown):
         full, zoom, err = axes[3 * e], axes[3 * e + 1], axes[3 * e + 2]
@@ -192,8 +192,8 @@ def plot_examples(shown: list[dict], path: Path, title: str) -> None:
 
 # ----------------------------------------------------------------------------- report.html
 
-CSS = """body{font-family:sans-serif;margin:1.5em auto;max-width:1400px;color:#222}
-table{border-collapse:collapse;margin:.5em 0 1.2em}th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right}
+CSS = """body{font-family:sans-serif;margin:1.5em auto;padding:0 1.5em;max-width:1400px;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1.2em}th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right;white-space:nowrap}
 th{background:#f3f3f3}td.sig{font-weight:bold}dl{display:grid;grid-template-columns:max-content auto;gap:.15em 1em}
 dt{font-weight:bold}img{max-width:100%;border:1px solid #ddd}.note{color:#666;font-size:.9em}"""
 
@@ -264,7 +264,7 @@ def write_html(summary: dict, path: Path, figures: dict[str, Path], versions: di
     examples = summary.get("examples") or []
     for caption, png in figures.items():
         parts.append(f"<h2>{html.escape(caption)}</h2>")
-        if caption == "examples" and examples:
+        if caption == "Examples" and examples:
             parts.append("<ul>" + "".join(f"<li><b>{html.escape(e['key'])}</b>: {html.escape(e['reason'])}</li>"
                                           for e in examples) + "</ul>")
         parts.append(f'<img alt="{html.escape(caption)}" src="{_png_uri(png)}">')

@@ -180,14 +180,14 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path, split: str = "test", 
     title = f"{dataset}/{split} ({summary['samples']} samples), checkpoint {checkpoint.parent.name}/{checkpoint.name}"
     figures = {"PSNR vs burst length": out_dir / "psnr_vs_frames.png",
                "SSIM vs burst length": out_dir / "ssim_vs_frames.png",
-               "paired differences vs burst length": out_dir / "difference_vs_frames.png"}
+               "Paired differences vs burst length": out_dir / "difference_vs_frames.png"}
     report.plot_metric(summary, "psnr", figures["PSNR vs burst length"], title)
     report.plot_metric(summary, "ssim", figures["SSIM vs burst length"], title)
-    report.plot_differences(summary, figures["paired differences vs burst length"], title)
+    report.plot_differences(summary, figures["Paired differences vs burst length"], title)
     if picks:  # a second pass over the split renders only the chosen samples
         shown = render_examples(model, dev, data_dir, split, picks, lengths[-1], seed, stored, geometry)
         report.plot_examples(shown, out_dir / "examples.png", title)
-        figures["examples"] = out_dir / "examples.png"
+        figures["Examples"] = out_dir / "examples.png"
     versions = {"checkpoint": peek(checkpoint).get("versions"), "evaluate": software_versions()}
     report.write_html(summary, out_dir / "report.html", figures, versions)
     return summary
