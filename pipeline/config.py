@@ -142,6 +142,9 @@ class ImagingConfig:
     outlier_prob: float = 0.08
     outlier_shift_px: float = 2.0
     outlier_blur: float = 2.0
+    # share of bursts whose frames are perfectly registered (no residual shift, no outlier frame),
+    # as a burst that registration got exactly right; the other parameters of a burst do not change
+    registered_prob: float = 0.0
     # JPEG: with jpeg_prob a burst's frames are JPEG-compressed, quality uniform in [min, max]
     jpeg_prob: float = 0.1
     jpeg_quality_min: int = 70
@@ -163,6 +166,7 @@ class ImagingConfig:
         check(0 <= self.outlier_prob <= 1, "imaging.outlier_prob must be in [0, 1]")
         check(self.outlier_shift_px >= 0, "imaging.outlier_shift_px must be >= 0")
         check(self.outlier_blur > 0, "imaging.outlier_blur must be > 0")
+        check(0 <= self.registered_prob <= 1, "imaging.registered_prob must be in [0, 1]")
         check(0 <= self.jpeg_prob <= 1, "imaging.jpeg_prob must be in [0, 1]")
         check(1 <= self.jpeg_quality_min <= self.jpeg_quality_max <= 100,
               "imaging.jpeg_quality_min/max must satisfy 1 <= min <= max <= 100")

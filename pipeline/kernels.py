@@ -45,7 +45,9 @@ def sample_kernel_params(rng: np.random.Generator, cfg: KernelConfig, frames: in
     registered to, so it has no residual shift (the target has its geometry) and is never an
     outlier. Every other frame gets a residual shift N(0, misalign_px²) per axis, or with
     probability outlier_prob is an outlier: shift std outlier_shift_px and blur × outlier_blur.
-    Shifts are clipped to ±misalign_max_px per axis (validated to fit the K×K kernel).
+    Shifts are clipped to ±misalign_max_px per axis (validated to fit the K×K kernel). With
+    probability registered_prob the whole burst is perfectly registered instead (no shift, no
+    outlier), as with ``misalign=None``.
 
     Returns (params, draws): params holds plain floats/bools/lists for the sample's json
     (blur_scale, mixed, frame_factors, defocus, shift, outlier); draws the raw arrays
@@ -60,7 +62,9 @@ def sample_kernel_params(rng: np.random.Generator, cfg: KernelConfig, frames: in
     # share every other parameter
     u, z = rng.random(frames), rng.standard_normal((frames, 2))
     shift, outlier = np.zeros((frames, 2)), np.zeros(frames, dtype=bool)
-    if misalign is not None:
+    # u[0] (the reference frame's, never an outlier) decides whether this burst is perfectly
+    # registered, so that registered_prob changes no other draw
+    if misalign is not None and not u[0] < misalign.registered_prob:
         outlier = u < misalign.outlier_prob
         outlier[0] = False
         std = np.where(outlier, misalign.outlier_shift_px, misalign.misalign_px)

@@ -1,5 +1,7 @@
 """Kernel properties: non-negative, sum 1, centroid at the centre, size follows the scale."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -92,6 +94,27 @@ def test_outlier_frames_are_shifted_and_blurred_more_but_never_the_reference():
         outliers += sum(params["outlier"])
     assert 0.35 < outliers / (40 * 7) < 0.65
     assert np.median(shifts[True]) > 4 * np.median(shifts[False][40:])
+
+
+def test_registered_bursts_have_no_shift_and_change_no_other_draw():
+    """imaging.registered_prob: that share of bursts is perfectly registered (as misalign=None);
+    every burst's other parameters and raw draws are those of registered_prob = 0."""
+    im = ImagingConfig(outlier_prob=0.3)
+    registered = 0
+    for seed in range(60):
+        base, base_draws = sample_kernel_params(np.random.default_rng(seed), KernelConfig(), 8, im)
+        params, draws = sample_kernel_params(np.random.default_rng(seed), KernelConfig(), 8,
+                                             dataclasses.replace(im, registered_prob=0.4))
+        plain, _ = sample_kernel_params(np.random.default_rng(seed), KernelConfig(), 8, None)
+        assert params["blur_scale"] == base["blur_scale"] and params["defocus"] == base["defocus"]
+        assert np.array_equal(draws.accel, base_draws.accel) and np.array_equal(draws.jitter, base_draws.jitter)
+        if params["shift"] == base["shift"]:  # not drawn as registered: the burst is unchanged
+            assert params == base
+        else:
+            registered += 1
+            assert params == plain  # no shift, no outlier, no outlier blur
+    assert 0.25 < registered / 60 < 0.55
+    assert make(0, misalign=dataclasses.replace(im, registered_prob=1.0), frames=8)[0]["shift"] == [[0.0, 0.0]] * 8
 
 
 @pytest.mark.parametrize("K", [15, 51])

@@ -147,11 +147,33 @@ def test_fba_guided_model_is_invariant_and_sees_the_guide():
 def test_checkpoints_without_a_guide_key_load_unguided(tmp_path):
     model = make_model()
     path = tmp_path / "old.pt"
-    cfg = {k: v for k, v in dataclasses.asdict(model.cfg).items() if k != "guide"}
+    cfg = {k: v for k, v in dataclasses.asdict(model.cfg).items() if k not in ("guide", "base")}
     torch.save({"model": model.state_dict(), "config": {"model": cfg}, "step": 1}, path)
-    assert load(path).cfg.guide == "none"
+    assert load(path).cfg.guide == "none" and load(path).cfg.base == "mean"
     with pytest.raises(ConfigError, match="model.guide must be"):
         ModelConfig(guide="mean").validate()
+
+
+def test_select_base_starts_as_the_mean_and_is_invariant():
+    """model.base = "select": at init (zero logits) the output is the "mean" model's with the same
+    weights; with other logits it moves away from it and stays invariant to the frame order; the
+    head still adds a correction to the base (zero last conv and zero logits: the mean)."""
+    mean_model = make_model(dtype=torch.float64)
+    model = make_model(dtype=torch.float64, base="select")
+    missing, unexpected = model.load_state_dict(mean_model.state_dict(), strict=False)
+    assert set(missing) == {"select.weight", "select.bias"} and not unexpected
+    burst = rand_burst((2, 5, 3, 37, 50), dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(burst), mean_model(burst), rtol=0, atol=1e-12)
+        model.select.weight.normal_(generator=torch.Generator().manual_seed(3))
+        a, b = model(burst), model(burst[:, [3, 0, 4, 2, 1]])
+        assert (a - b).abs().max().item() <= 1e-12
+        assert (a - mean_model(burst)).abs().max().item() > 1e-3
+        model.head[-1].parametrizations.weight.original0.zero_()
+        model.select.weight.zero_()
+        torch.testing.assert_close(model(burst), burst.mean(dim=1), rtol=0, atol=1e-12)
+    with pytest.raises(ConfigError, match="model.base must be"):
+        ModelConfig(base="max").validate()
 
 
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])

@@ -149,6 +149,43 @@ def test_fba_guided_model_trains_resumes_exactly_and_loads(tiny_shards, tmp_path
     assert model(torch.rand(1, 3, 3, 20, 28)).shape == (1, 3, 20, 28)
 
 
+def test_init_starts_from_given_weights_and_checks_them_before_work(tiny_shards, tmp_path, capsys):
+    """train.init: step 0's weights are the file's (not the seed's init), the optimizer and the
+    schedule start afresh; a missing file or another [model] is one error line before any work."""
+    base = tmp_path / "base"
+    assert run_cli(["--out", str(base)] + tiny_sets(tiny_shards, steps=3)) == 0
+    start = weights(base / "last.pt")
+    init = ["--set", f"train.init={json.dumps(str(base / 'last.pt'))}"]
+
+    zero = tmp_path / "zero"  # lr ~ 0: the fine-tune's weights stay the init's
+    assert run_cli(["--out", str(zero)] + tiny_sets(tiny_shards, steps=1, lr=1e-30) + init) == 0
+    tuned = weights(zero / "last.pt")
+    assert all(torch.allclose(tuned[k], start[k], atol=1e-6) for k in start)
+    fresh = tmp_path / "fresh"
+    assert run_cli(["--out", str(fresh)] + tiny_sets(tiny_shards, steps=1, lr=1e-30)) == 0
+    assert not all(torch.allclose(weights(fresh / "last.pt")[k], start[k]) for k in start)
+    assert torch.load(zero / "last.pt", weights_only=True)["step"] == 1  # a new run, from step 0
+
+    # a "mean" model grows into a "select" one: its zero-logit head at first computes the same
+    grown = tmp_path / "grown"
+    assert run_cli(["--out", str(grown)] + tiny_sets(tiny_shards, steps=1, lr=1e-30) + init
+                   + ["--set", "model.base=select"]) == 0
+    burst = torch.rand(1, 3, 3, 24, 24, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(trainer.model.load(grown / "last.pt")(burst),
+                                   trainer.model.load(base / "last.pt")(burst), rtol=0, atol=1e-5)
+
+    capsys.readouterr()
+    missing = ["--set", f"train.init={json.dumps(str(tmp_path / 'nope.pt'))}"]
+    assert run_cli(["--out", str(tmp_path / "a")] + tiny_sets(tiny_shards) + missing) == 2
+    err = capsys.readouterr().err.strip()
+    assert "train.init" in err and "nope.pt" in err and "\n" not in err
+    assert run_cli(["--out", str(tmp_path / "b")] + tiny_sets(tiny_shards) + init + ["--set", "model.width=6"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "train.init" in err and "differs" in err and "\n" not in err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def check_tensorboard_extras(tb: Path, steps: int) -> None:
     """The run's TensorBoard beside the curves: the resolved config as text, the hyperparameters
     with the final metrics (once, at the last step), a layout charting the model's PSNR with the

@@ -29,6 +29,9 @@ class TrainSection:
     steps: int = 2000  # optimizer steps (iterations, not epochs)
     batch_size: int = 8  # samples per step on each rank (global batch = batch_size × ranks)
     seed: int = 0  # model init, and every batch: batch s of rank r is a function of (seed, r, s)
+    # weights to start from instead of the seed's random init (a checkpoint or an exported model
+    # whose [model] equals this one; a fine-tune: fresh optimizer, schedule from step 0); "" = none
+    init: str = ""
     lr: float = 3e-3
     optimizer: str = "adam"  # "adam" (paper) | "radam" (the public re-implementation)
     lr_schedule: str = "exp"  # "exp": lr · lr_decay^step (paper) | "cosine": lr → lr_floor · lr over train.steps

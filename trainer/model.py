@@ -65,6 +65,14 @@ class ModelConfig:
     #   from the burst it is given unless the caller passes the FBA of a larger window (training
     #   crops and deblur tiles pass the FBA of the whole image). Old checkpoints load as "none".
     guide: str = "none"
+    # The image the head's correction is added to:
+    # "mean": the mean of the frames (the paper's).
+    # "select": a per-pixel weighted mean of the frames, the weights a softmax over the frames of
+    #   logits that every frame's track predicts from its last features (so the net can take a
+    #   sharp frame's pixels as they are instead of rebuilding them from the mean); still
+    #   invariant to the order of the frames. The logits start at zero: at init "select" is "mean",
+    #   and a "mean" checkpoint loads into it unchanged (train.init). Old checkpoints load as "mean".
+    base: str = "mean"
 
     def validate(self) -> None:
         check(1 <= self.width <= 4096, f"model.width must be in 1..4096, got {self.width}")
@@ -77,6 +85,7 @@ class ModelConfig:
         check(self.geometry in ("mean", "reference"),
               f"model.geometry must be 'mean' or 'reference', got '{self.geometry}'")
         check(self.guide in ("none", "fba"), f"model.guide must be 'none' or 'fba', got '{self.guide}'")
+        check(self.base in ("mean", "select"), f"model.base must be 'mean' or 'select', got '{self.base}'")
 
     @property
     def multiple(self) -> int:
@@ -208,6 +217,11 @@ class BurstDeblurNet(nn.Module):
         self.head = nn.Sequential(conv3x3(dec[0], dec[0]), nn.ELU(inplace=True), conv3x3(dec[0], 3, gain=0.1))
         with torch.no_grad():
             self.head[-1].bias.zero_()
+        if cfg.base == "select":  # per-frame logits of the base's weights; zero: the mean at init
+            self.select = nn.Conv2d(dec[0], 1, 3, padding=1)
+            with torch.no_grad():
+                self.select.weight.zero_()
+                self.select.bias.zero_()
 
     @property
     def channels_last(self) -> bool:
@@ -263,8 +277,14 @@ class BurstDeblurNet(nn.Module):
         for decoder, skip in zip(self.decoders, reversed(skips[:-1])):
             x = F.interpolate(x, scale_factor=2, mode="nearest")
             x = decoder(torch.cat([x, skip], dim=1), n)
+        if self.cfg.base == "select":  # softmax over the frames, in float32 also under autocast
+            exact = torch.promote_types(mean.dtype, torch.float32)
+            logits = self.select(x)[..., :h, :w].to(exact).unflatten(0, (-1, n))  # (B, N, 1, H, W)
+            base = (torch.softmax(logits, dim=1) * burst[:, :, :3].to(exact)).sum(dim=1).to(mean.dtype)
+        else:
+            base = mean
         x = self.head(frame_max(x, n))
-        return mean + x[..., :h, :w]
+        return base + x[..., :h, :w]
 
 
 def build_model(cfg: ModelConfig) -> BurstDeblurNet:

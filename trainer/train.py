@@ -70,6 +70,7 @@ from trainer.device import burst_to_input, image_to_target, resolve_device
 from trainer.losses import burst_loss
 from trainer.metrics import psnr, psnr_batch
 from trainer.model import build_model
+from trainer.model import load as load_model
 
 DEFAULT_CONFIG = "configs/train/default.toml"  # found from any directory (common.bundled.find_config)
 DEFAULT_OUT = "runs/default"
@@ -438,13 +439,38 @@ def make_run(cfg: TrainConfig, out_dir: Path, manifest: Mapping, device: torch.d
                log=log)
 
 
-def build_training(run: Run) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+def initial_weights(cfg: TrainConfig) -> dict | None:
+    """The state dict of ``train.init`` (None when it is empty), checked before any work: the file
+    loads as a model (``trainer.model.load``: weights_only) and its [model] equals ``cfg.model``."""
+    if not cfg.train.init:
+        return None
+    path = Path(cfg.train.init)
+    if not path.is_file():
+        raise FileNotFoundError(f"train.init: {path} does not exist")
+    model = load_model(path)  # CheckpointError (one line) for a file that is not a model
+    # the one change a fine-tune may make: a "mean" base grows the "select" head (zero logits:
+    # the grown model computes exactly what the file's does)
+    grows = model.cfg.base == "mean" and cfg.model.base == "select"
+    if dataclasses.replace(model.cfg, base=cfg.model.base if grows else model.cfg.base) != cfg.model:
+        raise ConfigError(f"train.init: the [model] of {path} ({to_dict(model.cfg)}) differs from this "
+                          f"config's ({to_dict(cfg.model)}); a fine-tune keeps the model it starts from "
+                          "(or grows a 'mean' base into 'select')")
+    state = model.state_dict()
+    if grows:
+        with torch.random.fork_rng(devices=[]):
+            state = {**build_model(cfg.model).state_dict(), **state}  # the select head at its zero init
+    return state
+
+
+def build_training(run: Run, init: dict | None = None) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """The model (the same init on every rank; DDP broadcasts rank 0's anyway), on the run's
-    device, and its optimizer."""
+    device, and its optimizer. ``init``: a state dict to start from instead of the seed's init."""
     t = run.cfg.train
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(t.seed)
         model = build_model(run.cfg.model)
+    if init is not None:
+        model.load_state_dict(init)
     model.to(run.device)
     if run.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -698,6 +724,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, log=print
         ckpt["best_val_psnr"] = best_bar(out_dir, ckpt, log)
     elif (out_dir / "last.pt").exists():
         raise FileExistsError(f"{out_dir} already holds a run (last.pt); pass --resume to continue it, or choose another --out")
+    init = initial_weights(cfg) if ckpt is None else None  # a resumed run has its own weights
 
     threads = torch.get_num_threads()
     if t.threads:
@@ -706,17 +733,17 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, log=print
     try:
         if world > 1:
             check_shared_run_folder(out_dir, rank, world)
-        return _train(make_run(cfg, out_dir, manifest, device, rank, world, local_rank, log), ckpt)
+        return _train(make_run(cfg, out_dir, manifest, device, rank, world, local_rank, log), ckpt, init)
     finally:
         if world > 1:
             dist.destroy_process_group()
         torch.set_num_threads(threads)
 
 
-def _train(run: Run, ckpt: dict | None) -> dict:
+def _train(run: Run, ckpt: dict | None, init: dict | None = None) -> dict:
     t = run.cfg.train
     # ---- setup: model, optimizer, resumed state, data, validation set, logs
-    model, optimizer = build_training(run)
+    model, optimizer = build_training(run, init)
     progress = restore(run, ckpt, model, optimizer)
     start_step = progress.step
     train_model = wrap_model(run, model)
