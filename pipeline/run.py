@@ -18,10 +18,12 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import re
 import shutil
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -257,6 +259,39 @@ def _check_reachable(address: str, timeout: float = 10.0) -> None:
                           + _connection_advice(address)) from None
 
 
+# what Ray's C++ core prints on stderr for each retry while it joins a cluster: "[date time W pid
+# tid] gcs_client.cc:210: Failed to get cluster ID from GCS server: Unauthenticated: ..." (a
+# rejected token: one line a second for 20 s before ray.init gives up)
+_RAY_RETRY = re.compile(r"^\[[^\]]* W \d+ \d+\] \S+\.cc:\d+: (?P<what>.*)$")
+
+
+@contextlib.contextmanager
+def stderr_lines(lines: list[str]):
+    """Collect what this process (Python and C++ alike) writes to file descriptor 2 inside the
+    block into ``lines``, instead of the terminal."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            lines.extend(tmp.read().decode("utf-8", "replace").splitlines(keepends=True))
+
+
+def ray_core_cause(lines: list[str]) -> str:
+    """The last retry warning of Ray's C++ core in ``lines``, shortened, or ""."""
+    for line in reversed(lines):
+        m = _RAY_RETRY.search(line.rstrip("\n"))
+        if m:
+            return m.group("what").rsplit(": RPC error: ", 1)[-1][:200]
+    return ""
+
+
 def start_ray(workers: int | None, address: str | None = None):
     """Start a local Ray with ``workers`` CPUs (None: every CPU), or join the cluster at
     ``address`` (host:port or 'auto'; the cluster's own CPUs, and the code shipped through
@@ -275,12 +310,17 @@ def start_ray(workers: int | None, address: str | None = None):
     if address:
         log.info("connecting to the Ray cluster at %s ...", address)
         _check_reachable(address)
+        said: list[str] = []
         try:  # never num_cpus: a cluster has its own (Ray refuses it when joining)
-            ray.init(address=address, runtime_env=code_runtime_env(), **kwargs)
+            with stderr_lines(said):
+                ray.init(address=address, runtime_env=code_runtime_env(), **kwargs)
         except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as e:
             text = str(e).strip().splitlines()
+            cause = ray_core_cause(said)
             raise RenderError(f"cannot connect to the Ray cluster at {address} "
-                              f"({text[0] if text else type(e).__name__}); {_connection_advice(address)}") from None
+                              f"({text[0] if text else type(e).__name__}{f'; Ray: {cause}' if cause else ''}); "
+                              f"{_connection_advice(address)}") from None
+        sys.stderr.write("".join(line for line in said if not _RAY_RETRY.search(line)))
     else:
         log.info("starting Ray (local, %d CPUs) ...", workers or os.cpu_count() or 1)
         # address="local": a new instance of our own, even where RAY_ADDRESS is set or `ray start`

@@ -97,6 +97,14 @@ def test_render_on_a_two_node_cluster_from_outside_the_repo_gives_the_local_byte
         address = (head_tmp / "ray_current_cluster").read_text().strip()
         ray_start(["--address", address, "--temp-dir", str(node_tmp)], node_env, tmp_path)
 
+        # another machine's token: refused, one line that says why (Ray's core retries for ~20 s
+        # with a warning a second on stderr; none of them reaches the terminal)
+        wrong = tmp_path / "wrong_token"
+        wrong.write_text(secrets.token_hex(32))
+        refused = subprocess.run([sys.executable, "-m", "pipeline", *RENDER, "--address", address,
+                                  "--out", "refused"], cwd=tmp_path, env=dict(driver_env, RAY_AUTH_TOKEN_PATH=str(wrong)),
+                                 capture_output=True, text=True, timeout=300)
+
         cluster = subprocess.run([sys.executable, "-m", "pipeline", *RENDER, "--address", address,
                                   "--out", "shared/tiny"], cwd=tmp_path, env=driver_env,
                                  capture_output=True, text=True, timeout=300)
@@ -106,6 +114,11 @@ def test_render_on_a_two_node_cluster_from_outside_the_repo_gives_the_local_byte
                                                             "*/pipeline/render.py")]
         shutil.rmtree(short, ignore_errors=True)
     assert not marked_processes(mark)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert refused.stderr.splitlines() == [f"connecting to the Ray cluster at {address} ...",
+                                           refused.stderr.splitlines()[-1]], refused.stderr[-3000:]
+    assert refused.stderr.splitlines()[-1].startswith("error: cannot connect to the Ray cluster")
+    assert "InvalidAuthToken" in refused.stderr and "RAY_AUTH_TOKEN" in refused.stderr
     assert cluster.returncode == 0, cluster.stderr[-3000:]
     assert f"connecting to the Ray cluster at {address} ..." in cluster.stderr
     assert "Ray, 2 nodes, 2 CPUs" in cluster.stderr
