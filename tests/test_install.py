@@ -34,7 +34,7 @@ def test_a_config_path_is_taken_as_given_then_looked_up_in_the_bundled_configs(t
     (tmp_path / "configs" / "train").mkdir(parents=True)
     (tmp_path / "configs" / "train" / "default.toml").write_text("[train]\n")
     assert find_config("configs/train/default.toml", "train") == Path("configs/train/default.toml")
-    with pytest.raises(ConfigError, match=r"config file not found: nope\.toml .*default, gpu, pretrained"):
+    with pytest.raises(ConfigError, match=r"config file not found: nope\.toml .*default, finetune, gpu, pretrained"):
         find_config("nope.toml", "train")
     with pytest.raises(ConfigError, match="config file not found"):
         find_config(tmp_path / "absent.toml", "train")  # an absolute path is never looked up

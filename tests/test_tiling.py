@@ -43,7 +43,12 @@ def test_guided_model_tiled_equals_untiled():
     # pass over the whole image sees, so the overlap rule holds as for the plain model.
     model = make_model(guide="fba")
     assert receptive_radius(model.cfg) == receptive_radius(ModelConfig(width=8))
-    rng = np.random.default_rng(2)
+    assert_tiled_equals_untiled(model, seed=2)
+
+
+def assert_tiled_equals_untiled(model, seed):
+    """128-px tiles of a 150x170 burst of 3 frames give one whole pass's output, which is the model's."""
+    rng = np.random.default_rng(seed)
     frames = [rng.integers(0, 256, (150, 170, 3), dtype=np.uint8) for _ in range(3)]
     whole = run_tiled(model, frames, tile=512)
     tiled = run_tiled(model, frames, tile=128, batch=2)
@@ -52,6 +57,16 @@ def test_guided_model_tiled_equals_untiled():
     with torch.no_grad():
         direct = model(x).clamp(0, 1)[0].permute(1, 2, 0).numpy()
     np.testing.assert_allclose(whole, direct, atol=1e-6)
+
+
+def test_select_base_model_tiled_equals_untiled():
+    # model.base = "select": the frame weights come from the tracks' last features through one 3x3
+    # conv, inside the field of the head's two (the probe measures it); trained-like, non-zero logits
+    model = make_model(base="select")
+    with torch.no_grad():
+        model.select.weight.normal_(generator=torch.Generator().manual_seed(1))
+    assert receptive_radius(model.cfg) == receptive_radius(ModelConfig(width=8))
+    assert_tiled_equals_untiled(model, seed=3)
 
 
 class OutOfMemoryAboveOne(torch.nn.Module):
