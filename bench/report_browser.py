@@ -25,6 +25,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common.files import atomic_path  # noqa: E402
+
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")
 
 
@@ -72,14 +75,13 @@ def chromium(browser: str, profile: Path, *args: str) -> subprocess.CompletedPro
 def painted_blocks(png: Path) -> tuple[int, int]:
     """(page height in px without the white tail, number of vertical runs of >= 100 rows where
     more than 20% of the row is not white: the embedded figures and the tables' shading)."""
-    a = np.asarray(Image.open(png).convert("L"))
-    ink = (a < 245).mean(axis=1)
+    gray = np.asarray(Image.open(png).convert("L"))
+    ink = (gray < 245).mean(axis=1)
     rows = np.flatnonzero(ink > 0)
     height = int(rows[-1]) + 1 if rows.size else 0
-    busy = np.concatenate([[0], (ink > 0.2).astype(int), [0]])
-    edges = np.flatnonzero(np.diff(busy))
-    runs = [b - a for a, b in zip(edges[::2], edges[1::2])]
-    return height, sum(r >= 100 for r in runs)
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], (ink > 0.2).astype(int), [0]])))
+    runs = edges[1::2] - edges[::2]
+    return height, int((runs >= 100).sum())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,11 +119,9 @@ def main(argv: list[str] | None = None) -> int:
             painted, blocks = painted_blocks(shot)
             if painted < height - 40:
                 break
-        Image.open(shot).crop((0, 0, args.width, painted + 20)).save(shot)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp_out = out.with_name(out.name + ".tmp")
-        shutil.copyfile(shot, tmp_out)
-        tmp_out.replace(out)
+        with atomic_path(out) as tmp_out:
+            Image.open(shot).crop((0, 0, args.width, painted + 20)).save(tmp_out, format="PNG")
     problems = []
     if got.tables != want.tables:
         problems.append(f"the browser's DOM has tables {got.tables}, report.html {want.tables}")

@@ -274,7 +274,7 @@ def stderr_lines(lines: list[str]):
     with tempfile.TemporaryFile(mode="w+b") as tmp:
         os.dup2(tmp.fileno(), 2)
         try:
-            yield lines
+            yield
         finally:
             sys.stderr.flush()
             os.dup2(saved, 2)

@@ -441,7 +441,8 @@ def make_run(cfg: TrainConfig, out_dir: Path, manifest: Mapping, device: torch.d
 
 def initial_weights(cfg: TrainConfig) -> dict | None:
     """The state dict of ``train.init`` (None when it is empty), checked before any work: the file
-    loads as a model (``trainer.model.load``: weights_only) and its [model] equals ``cfg.model``."""
+    loads as a model (``trainer.model.load``: weights_only) and its [model] equals ``cfg.model``,
+    but for a "mean" base that ``cfg.model`` grows into "select" (the head's zero init added)."""
     if not cfg.train.init:
         return None
     path = Path(cfg.train.init)
