@@ -9,7 +9,7 @@ import torch
 from pipeline.config import ConfigError, load_config
 from trainer.losses import burst_loss
 from trainer.fba import fba
-from trainer.model import BurstDeblurNet, ModelConfig, build_model, load
+from trainer.model import BurstDeblurNet, ModelConfig, build_model, frame_max, load
 
 SMALL = dict(width=8, mults=[1, 2, 3])  # 3 levels: pads to a multiple of 4
 
@@ -193,6 +193,38 @@ def test_fused_equals_plain_for_the_same_weights(dtype, atol):
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4 if dtype == torch.float32 else 1e-10,
                                atol=1e-6 if dtype == torch.float32 else 1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_frame_max_equals_max_dim_values_and_gradients(dtype, channels_last):
+    n = 5
+    x = rand_burst((3 * n, 4, 7, 6), dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    grad = rand_burst((3, 4, 7, 6), seed=1, dtype=dtype)
+    ours, ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = frame_max(ours, n)
+    expected = ref.unflatten(0, (-1, n)).max(dim=1).values
+    assert torch.equal(out, expected)
+    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+    out.backward(grad)
+    expected.backward(grad)
+    assert torch.equal(ours.grad, ref.grad)  # random values: no ties, so the same arg-max frames
+    with torch.no_grad():
+        assert torch.equal(frame_max(x, n), expected)
+
+
+def test_frame_max_sends_a_tied_pixel_gradient_to_one_frame():
+    x = rand_burst((2, 3, 1, 4, 4))
+    x[:, 2] = x[:, 0]  # frames 0 and 2 of each burst tie everywhere; frame 1 wins where larger
+    x = x.flatten(0, 1).requires_grad_()
+    grad = rand_burst((2, 1, 4, 4), seed=1)
+    frame_max(x, 3).backward(grad)
+    g = x.grad.unflatten(0, (-1, 3))
+    torch.testing.assert_close(g.sum(dim=1), grad, rtol=0, atol=0)  # each pixel's gradient once
+    assert torch.all(g[:, 2] == 0)  # ties go to the first frame
+    assert torch.all((g != 0).sum(dim=1) == 1)
 
 
 def test_batch_independence():

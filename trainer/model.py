@@ -122,12 +122,51 @@ def same_format(x: Tensor, like: Tensor) -> Tensor:
 def frame_max(x: Tensor, n: int) -> Tensor:
     """Per-pixel max over the frames of each burst: (B*N, C, H, W) -> (B, C, H, W).
 
-    max(dim) rather than amax: its backward scatters the gradient to the arg-max frame, while
-    amax's splits it among ties with an equality mask, a count and a division over all N frames
-    (measured 2-3x slower forward+backward on CPU). The values are the same; only on exact ties
-    does the gradient go to one frame instead of being shared.
+    Eager, a fold of elementwise maxima over the N frames, with a backward that sends each
+    pixel's gradient to its first arg-max frame (what ``max(dim)`` does, and a valid subgradient
+    on exact ties). The same values and, without ties, the same gradients as ``max(dim).values``,
+    which builds an index tensor: measured 16-20x slower forward at deblur tiles and 1.3-2.3x
+    slower forward+backward at training shapes on this CPU (docs/benchmarks.md). Compiled,
+    ``max(dim)``: inductor fuses it, and a Python loop over a symbolic N would specialize the
+    graph to each burst length.
     """
-    return same_format(x.unflatten(0, (-1, n)).max(dim=1).values, x)
+    u = x.unflatten(0, (-1, n))
+    if torch.compiler.is_compiling():
+        m = u.max(dim=1).values
+    elif torch.is_grad_enabled() and x.requires_grad:
+        m = _FrameMax.apply(u)
+    else:
+        m = _fold_max(u)
+    return same_format(m, x)
+
+
+def _fold_max(u: Tensor) -> Tensor:
+    """(B, N, ...) -> (B, ...): the max over dim 1 as N - 1 elementwise maxima, in place."""
+    m = u[:, 0].clone()
+    for i in range(1, u.shape[1]):
+        torch.maximum(m, u[:, i], out=m)
+    return m
+
+
+class _FrameMax(torch.autograd.Function):
+    """``_fold_max`` with the gradient of each output pixel routed to its first arg-max frame."""
+
+    @staticmethod
+    def forward(ctx, u: Tensor) -> Tensor:
+        m = _fold_max(u)
+        ctx.save_for_backward(u, m)  # u is the set conv's input, which autograd keeps anyway
+        return m
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        u, m = ctx.saved_tensors
+        out = torch.empty_like(u)
+        free = torch.ones_like(m, dtype=torch.bool)  # no earlier frame took this pixel yet
+        for i in range(u.shape[1]):
+            hit = (u[:, i] == m) & free
+            free &= ~hit
+            torch.mul(grad, hit, out=out[:, i])
+        return out
 
 
 class SetConv(nn.Module):
