@@ -3,6 +3,8 @@
     .venv/bin/python bench/bench_deblur.py                           # CPU: 1 MP x 4 frames, width 16 and 64
     .venv/bin/python bench/bench_deblur.py --device cuda --megapixels 12 --frames 8 --widths 64 \
         [--precision bf16] [--batch 2]                               # the 12 MP x 8 target (< 10 s on an H100)
+    .venv/bin/python bench/bench_deblur.py --megapixels 12 --frames 8 --command --widths shipped --fba
+                                                                     # the user's command end to end, then its stages
 
 A synthetic burst (a photograph upscaled to the requested size, each frame shifted by a few
 pixels, blurred differently and noisy, uint8) goes through the same functions the command uses:
@@ -12,13 +14,20 @@ automatic overlap). The model has random weights: speed does not depend on them.
 (receptive-field probe, first forward pass, cuDNN autotuning) is excluded. Prints one row per
 model width: seconds for each stage, s/MP/frame, tiles, peak GPU memory. Wall clock
 (time.perf_counter); on a shared machine, the CPU figures are upper bounds.
+
+``--command`` first writes the burst as JPEG files (quality 95) and times the command a user runs,
+``python -m trainer deblur FRAMES --out OUT.png`` with its defaults (the shipped model), in a child
+process: decoding, alignment, tiles and writing the PNG, start-up included, and the child's peak
+resident memory.
 """
 
 from __future__ import annotations
 
 import argparse
 import resource
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -70,6 +79,24 @@ def sync(device: torch.device) -> None:
 def peak_rss_gb() -> float:
     """Peak resident memory of this process so far, GB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def time_command(burst: list[np.ndarray], extra: list[str]) -> None:
+    """Write ``burst`` as JPEGs and time ``python -m trainer deblur`` on them in a child process."""
+    from PIL import Image
+
+    with tempfile.TemporaryDirectory(prefix="bench-deblur-") as tmp:
+        paths = []
+        for i, frame in enumerate(burst):
+            paths.append(str(Path(tmp) / f"frame{i}.jpg"))
+            Image.fromarray(frame).save(paths[-1], quality=95)
+        cmd = [sys.executable, "-m", "trainer", "deblur", *paths, "--out", str(Path(tmp) / "out.png"), "--quiet", *extra]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parent.parent)
+        wall = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    print(f"command: python -m trainer deblur {len(burst)} JPEG frames --out out.png {' '.join(extra)}".rstrip()
+          + f": {wall:.1f} s wall (start-up, decoding, alignment, tiles, PNG), peak memory {peak:.2f} GB", flush=True)
 
 
 def levers(args, aligned: list[np.ndarray], device: torch.device, batch: int, mp: float) -> int:
@@ -132,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2, help="rounds for --levers (default: 2)")
     p.add_argument("--fba", action="store_true", help="also time Fourier Burst Accumulation (trainer/fba.py, a guided model's guide) on the aligned burst")
     p.add_argument("--no-align", action="store_true", help="time the model only")
+    p.add_argument("--command", action="store_true",
+                   help="first time `python -m trainer deblur` itself on the burst written as JPEGs (defaults, "
+                        "shipped model; --precision bf16 passed on), in a child process")
     p.add_argument("--warp", choices=("opencv", "scipy"), default="opencv",
                    help="full-resolution warp: opencv (what deblur uses) or the scipy band warp it replaced, "
                         "from bench/bench_warp.py (default: opencv)")
@@ -149,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     mp = h * w / 1e6
     print(f"burst: {args.frames} frames of {w}x{h} ({mp:.2f} MP), made in {time.perf_counter() - t0:.1f} s; "
           f"device {device}, {torch.get_num_threads()} CPU threads, tile {args.tile}, batch {batch}, {args.precision}")
+
+    if args.command:
+        time_command(burst, ["--precision", "bf16"] if args.precision == "bf16" else [])
 
     align_s = 0.0
     aligned = burst
