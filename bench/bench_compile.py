@@ -1,13 +1,16 @@
-"""torch.compile and bf16 autocast for CPU training, with the burst length changing every step.
+"""torch.compile, bf16 autocast and channels_last for CPU training, with N changing every step.
 
 Training draws N (frames per burst) per batch, so a compiled model sees up to 8 input shapes. This
-measures, for the `make train` network (width 16, mults [1, 2, 4]) at batch 8, crop 48, N cycling
-through 1..8: the warm-up (first pass over every N, compiles included), the steady-state training
-steps per second afterwards, and how many graphs torch.compile built (``unique_graphs``: 2 means
-one static graph for the first shape, then one dynamic graph for every other N; one per N would
-be 8). Each configuration runs in a fresh process, on ``--threads`` threads.
+measures, for the `make train` network (the [model] table of configs/train/default.toml) at batch
+8, crop 48, N cycling through 1..8: the warm-up (first pass over every N, compiles included), the
+steady-state training steps per second afterwards, and how many graphs torch.compile built
+(``unique_graphs``: 2 means one static graph for the first shape, then one dynamic graph for every
+other N; one per N would be 8). ``eager-maxdim`` is the baseline: eager fp32 with the per-pixel max
+over frames done as before the fold in ``trainer.model.frame_max``. Each configuration runs in a
+fresh process, on ``--threads`` threads.
 
-    python bench/bench_compile.py                      # eager, eager-bf16, compile, compile-bf16
+    python bench/bench_compile.py                      # every configuration, 2 threads
+    python bench/bench_compile.py --threads 2 --configs eager-maxdim,eager,eager-bf16
     python bench/bench_compile.py --threads 1 --steps 48 --json runs/bench_compile.json
 """
 
@@ -18,11 +21,16 @@ import json
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = {"eager": (False, False), "eager-bf16": (False, True), "compile": (True, False),
-           "compile-bf16": (True, True)}
+TRAIN_CONFIG = ROOT / "configs" / "train" / "default.toml"  # the `make train` network: its [model]
+# name: (torch.compile, bf16 autocast, channels_last); "eager-maxdim" is "eager" with the per-pixel
+# max over frames done as before (max(dim).values, which builds an index tensor): the baseline
+CONFIGS = {"eager-maxdim": (False, False, False), "eager": (False, False, False),
+           "eager-cl": (False, False, True), "eager-bf16": (False, True, False), "eager-bf16-cl": (False, True, True),
+           "compile": (True, False, False), "compile-bf16": (True, True, False)}
 
 
 def run_one(name: str, threads: int, steps: int, width: int) -> dict:
@@ -30,13 +38,22 @@ def run_one(name: str, threads: int, steps: int, width: int) -> dict:
     from torch._dynamo.utils import counters
 
     sys.path.insert(0, str(ROOT))
-    from trainer.model import ModelConfig, build_model
+    import trainer.model
+    from common.config import from_dict
+    from trainer.model import ModelConfig, build_model, same_format
 
     torch.set_num_threads(threads)
-    compiled, bf16 = CONFIGS[name]
+    compiled, bf16, channels_last = CONFIGS[name]
+    if name == "eager-maxdim":
+        trainer.model.frame_max = lambda x, n: same_format(x.unflatten(0, (-1, n)).max(dim=1).values, x)
+    cfg = from_dict(ModelConfig, {**tomllib.loads(TRAIN_CONFIG.read_text())["model"]}, "model")
+    if width:
+        cfg.width = width
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = build_model(ModelConfig(width=width, mults=[1, 2, 4]))
+        model = build_model(cfg)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), 1e-4)
     # dynamic=None (the default): static first, then one dynamic graph when a shape changes
     step_model = torch.compile(model) if compiled else model
@@ -69,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--configs", default=",".join(CONFIGS))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=48, help="timed steps after the warm-up (default 48)")
-    p.add_argument("--width", type=int, default=16)
+    p.add_argument("--width", type=int, default=0, help="network width (default: the config's)")
     p.add_argument("--json", default=None)
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one config here
     args = p.parse_args(argv)
