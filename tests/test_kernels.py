@@ -36,6 +36,24 @@ def test_trajectory_is_centred_and_standardized():
     np.testing.assert_allclose(np.sqrt((t**2).sum(axis=2).mean(axis=1)), 1, rtol=1e-12)
 
 
+@pytest.mark.parametrize("damping", [0.0, 0.5, 0.9, 0.99])
+def test_trajectory_integrates_the_damped_velocity_recurrence(damping):
+    """v_t = d·v_{t-1} + a_t from the stationary v_{-1} = v0 / sqrt(1 - d²), summed, centred and
+    standardized: the closed form in ``trajectories`` against the plain loop."""
+    rng = np.random.default_rng(1)
+    accel, v0 = rng.standard_normal((4, 64, 2)), rng.standard_normal((4, 2))
+    v = v0 / np.sqrt(1.0 - damping**2)
+    pos, p = [], np.zeros((4, 2))
+    for t in range(64):
+        v = damping * v + accel[:, t]
+        p = p + v
+        pos.append(p)
+    pos = np.stack(pos, axis=1)
+    pos -= pos.mean(axis=1, keepdims=True)
+    pos /= np.sqrt((pos**2).sum(axis=2).mean(axis=1))[:, None, None]
+    np.testing.assert_allclose(trajectories(accel, v0, damping), pos, atol=1e-12)
+
+
 @pytest.mark.parametrize("scale", [0.5, 2.0, 5.0])
 def test_kernel_size_follows_the_configured_scale(scale):
     cfg = KernelConfig(scale_min=scale, scale_max=scale, mixed_prob=0.0, uniform_min=1.0,
