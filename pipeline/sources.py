@@ -39,6 +39,7 @@ import scipy.fft as sfft
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from common.errors import UserError, flat
+from pipeline.imaging import standard_noise
 
 # Reasons a file is skipped at scan time (keys of SourceList.skipped), in report order.
 SKIP_REASONS = ("not an image", "unreadable", "too small", "decompression bomb", "unsupported mode")
@@ -641,40 +642,44 @@ def _noise_fields(rng: np.random.Generator, canvas: int, cfg) -> tuple[np.ndarra
 
     texture: float32 (canvas, canvas) in [0, 1], a 1/f^slope noise (amplitude spectrum; slope
     uniform in [noise_slope_min, noise_slope_max]: natural textures have slopes near 1),
-    standardized and mapped to 0.5 + 0.2·z, clipped. illumination: float32 (canvas, canvas)
-    exp(σ·z) of a smooth field z (four plane waves of random direction and phase, 0.3 to 1.5
-    cycles per canvas, standardized) divided by its mean, or None when
-    ``deadleaves_illumination`` is 0. Always draws the same numbers from ``rng``.
+    standardized and mapped to 0.5 + 0.2·z, clipped. It is drawn in the frequency domain (white
+    complex Gaussian coefficients, shaped, one inverse FFT), which is what transforming white noise
+    would give, minus a forward FFT. illumination: float32 (canvas, canvas) exp(σ·z) of a smooth
+    field z (four plane waves of random direction and phase, 0.3 to 1.5 cycles per canvas,
+    standardized) divided by its mean, or None when ``deadleaves_illumination`` is 0. Always draws
+    the same numbers from ``rng``.
     """
-    white = rng.standard_normal((canvas, canvas), dtype=np.float32)
+    half = canvas // 2 + 1
+    coeffs = standard_noise(rng, (2, canvas, half))  # real and imaginary parts
     slope = np.float32(cfg.deadleaves_noise_slope_min
                        + (cfg.deadleaves_noise_slope_max - cfg.deadleaves_noise_slope_min) * rng.random())
     waves = rng.random((4, 3))  # per wave: frequency, direction, phase
-    spec = sfft.rfft2(white)
     fy = sfft.fftfreq(canvas).astype(np.float32)[:, None]
     fx = sfft.rfftfreq(canvas).astype(np.float32)[None, :]
     f2 = fx * fx + fy * fy
     f2[0, 0] = 1.0
-    spec *= f2 ** (-slope / 2)
-    spec[0, 0] = 0.0
-    field = sfft.irfft2(spec, s=(canvas, canvas))
+    gain = f2 ** (-slope / 2)
+    gain[0, 0] = 0.0
+    spec = np.empty((canvas, half), np.complex64)
+    np.multiply(coeffs[0], gain, out=spec.real)
+    np.multiply(coeffs[1], gain, out=spec.imag)
+    field = sfft.irfft2(spec, s=(canvas, canvas), overwrite_x=True)
     field *= np.float32(0.2) / max(float(field.std()), 1e-12)
     field += np.float32(0.5)
     texture = np.clip(field, np.float32(0.0), np.float32(1.0), out=field)
     if cfg.deadleaves_illumination <= 0:
         return texture, None
-    # sum of plane waves cos(kx·x + ky·y + phase) = Re(e^{i kx x} ⊗ e^{i ky y} e^{i phase}),
-    # each an outer product: cheap at any canvas size
+    # sum of plane waves cos(kx·x + ky·y + phase) = Re(e^{i (ky y + phase)} e^{i kx x}): one
+    # (canvas, 4) @ (4, canvas) product of complex exponentials, real part by two real products
     pos = np.arange(canvas) / canvas
-    z = np.zeros((canvas, canvas))
-    for freq, angle, phase in waves:
-        k = 2 * np.pi * (0.3 + 1.2 * freq)
-        ex = np.exp(1j * k * np.cos(2 * np.pi * angle) * pos)
-        ey = np.exp(1j * (k * np.sin(2 * np.pi * angle) * pos + 2 * np.pi * phase))
-        z += np.outer(ey, ex).real
+    k = 2 * np.pi * (0.3 + 1.2 * waves[:, 0])
+    ex = np.exp(1j * np.outer(pos, k * np.cos(2 * np.pi * waves[:, 1])))  # (canvas, 4)
+    ey = np.exp(1j * (np.outer(pos, k * np.sin(2 * np.pi * waves[:, 1])) + 2 * np.pi * waves[:, 2]))
+    z = ey.real @ ex.real.T - ey.imag @ ex.imag.T
     z *= cfg.deadleaves_illumination / max(float(z.std()), 1e-12)
-    light = np.exp(z)
-    return texture, (light / light.mean()).astype(np.float32)
+    light = np.exp(z.astype(np.float32))
+    light /= light.mean(dtype=np.float64)
+    return texture, light
 
 
 def _gaussian_blur(planes: np.ndarray, sigma: float) -> np.ndarray:

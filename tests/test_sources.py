@@ -425,6 +425,35 @@ def test_deadleaves_coverage_stop_and_cap():
     assert image.shape == (64, 64, 3)
 
 
+@pytest.mark.parametrize("slope", [0.5, 1.0, 1.5])
+def test_deadleaves_noise_texture_has_a_one_over_f_spectrum(slope):
+    """Amplitude ~ 1/f^slope: the radially averaged power falls as f^(-2 slope) (fitted over
+    mid frequencies, averaged over images); mean 0.5, std 0.2 before the rare clipping."""
+    cfg = SourceConfig(deadleaves_noise_slope_min=slope, deadleaves_noise_slope_max=slope)
+    size = 128
+    f = np.hypot(*np.meshgrid(np.fft.fftfreq(size), np.fft.fftfreq(size)))
+    power = np.zeros((size, size))
+    for seed in range(8):
+        texture, _ = sources._noise_fields(np.random.default_rng(seed), size, cfg)
+        assert abs(texture.mean() - 0.5) < 0.02 and abs(texture.std() - 0.2) < 0.01
+        power += np.abs(np.fft.fft2(texture - texture.mean())) ** 2
+    band = np.geomspace(4 / size, 0.4, 12)
+    mids = np.sqrt(band[1:] * band[:-1])
+    radial = [power[(f >= lo) & (f < hi)].mean() for lo, hi in zip(band[:-1], band[1:])]
+    fitted = np.polyfit(np.log(mids), np.log(radial), 1)[0]
+    assert fitted == pytest.approx(-2 * slope, abs=0.15)
+
+
+def test_deadleaves_illumination_is_a_smooth_lognormal_field_of_mean_one():
+    cfg = SourceConfig(deadleaves_illumination=0.3)
+    _, light = sources._noise_fields(np.random.default_rng(0), 96, cfg)
+    assert light.dtype == np.float32 and light.shape == (96, 96)
+    assert light.mean() == pytest.approx(1.0, abs=1e-5)
+    assert np.log(light).std() == pytest.approx(0.3, abs=1e-4)
+    assert np.abs(np.diff(np.log(light), axis=1)).max() < 0.3 * 2 * np.pi * 1.5 * 4 / 96  # at most 1.5 cycles per canvas
+    assert sources._noise_fields(np.random.default_rng(0), 96, SourceConfig(deadleaves_illumination=0.0))[1] is None
+
+
 def test_deadleaves_without_texture_or_blur_is_flat_disks():
     cfg = SourceConfig(deadleaves_texture_prob=0.0, deadleaves_smooth=0.0,
                        deadleaves_rmin=6, deadleaves_max_disks=200, deadleaves_illumination=0.0,
