@@ -3,19 +3,27 @@ included, with 1 and 2 workers, against a straightforward generator run in the s
 
     .venv/bin/python bench/bench_render.py [--samples 1024] [--source deadleaves] [--json out.json]
 
-Prints three tables: (1) the stage profile of one core (where the time goes: the steps of
+Tables 1-3 run with glibc's allocator tuned as a render worker tunes it
+(``pipeline.shards.tune_allocator``), the straightforward generator included. Prints four tables: (1) the stage profile of one core (where the time goes: the steps of
 `imaging.degrade` timed one by one, encoding, and writing the members into a tar), with the minor
 page faults per burst (fresh pages from the allocator cost ~1 us each on this VM), (2) the
 straightforward baseline vs this pipeline's sample function on one core, (3) whole runs of
 `render_dataset` (local engine, and ray) with 1 and 2 workers, wall clock including pool start
-(which is ~1 s of a 1-worker local run: count it when comparing short runs).
+(which is ~1 s of a 1-worker local run: count it when comparing short runs), (4) the command
+users run, `python -m pipeline render --workers 1` with each engine, timed from the shell's side
+(interpreter start, imports, source scan, pool or Ray start, manifest: everything), for a 1-burst
+run (its fixed cost) and for ``--samples`` bursts, against the straightforward generator run by
+itself in a fresh process before and after, once with the allocator as it comes (what a plain
+script gets) and once tuned.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import resource
+import subprocess
 import sys
 import tarfile
 import tempfile
@@ -67,6 +75,41 @@ def straightforward_burst(rng: np.random.Generator, canvas: np.ndarray, cfg: Sha
         frames.append((np.clip(noisy, 0, 1) ** (1 / 2.2) * 255 + 0.5).astype(np.uint8))
     assert frames[0].shape == (size, size, 3), frames[0].shape
     return np.stack(frames)
+
+
+def config_toml(samples: int, source: str) -> str:
+    """bench_config as a TOML file for the command line."""
+    return (f'[dataset]\nname = "bench"\nseed = 1\nframes = 8\nsize = 160\nkernel_size = 51\n\n'
+            f'[splits.train]\nsamples = {samples}\nsamples_per_shard = 64\nsource = "{source}"\n')
+
+
+def time_cli(samples: int, source: str, engine: str, tmp: Path) -> float:
+    """Wall seconds of `python -m pipeline render --workers 1` for ``samples`` bursts (Ray: its
+    start and shutdown included)."""
+    config = tmp / f"bench-{samples}.toml"
+    config.write_text(config_toml(samples, source))
+    out = tmp / f"d{samples}-{time.monotonic_ns()}"  # a fresh folder: a finished one is not re-rendered
+    cmd = [sys.executable, "-m", "pipeline", "render", "--config", str(config), "--out", str(out),
+           "--engine", engine, "--workers", "1", "--quiet"]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True, cwd=Path(__file__).resolve().parent.parent)
+    dt = time.perf_counter() - t0
+    if not (out / "manifest.json").is_file():
+        raise RuntimeError(f"{' '.join(cmd)} wrote no manifest")
+    return dt
+
+
+def plain_burst(i: int, cfg: ShardConfig, src: sources.SourceList) -> np.ndarray:
+    """Burst ``i`` of the straightforward generator, on the same dead-leaves canvases."""
+    rng = np.random.default_rng(i)
+    canvas, _ = sources.draw_canvas(rng, src, cfg.canvas, cfg.sources)
+    return straightforward_burst(rng, canvas, cfg)
+
+
+def plain_alone(args, mode: str) -> float:
+    """Bursts/s of the straightforward generator run by itself in a fresh process."""
+    cmd = [sys.executable, __file__, "--plain-alone", mode, "--source", args.source]
+    return float(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.split()[-1])
 
 
 def rate(fn, n: int) -> float:
@@ -147,9 +190,17 @@ def main() -> None:
     ap.add_argument("--source", default="deadleaves", help="deadleaves | samples | dir:/path")
     ap.add_argument("--engines", default="local,ray", help="engines of table 3 (default local,ray)")
     ap.add_argument("--json", help="write the figures here")
+    ap.add_argument("--plain-alone", choices=("default", "tuned"), help=argparse.SUPPRESS)  # internal
     args = ap.parse_args()
     cfg = bench_config(args.samples, args.source)
     src = sources.list_source(args.source, cfg.canvas)
+    plain = functools.partial(plain_burst, cfg=cfg, src=src)
+    if args.plain_alone:  # table 4's generator, a fresh process: its allocator as given, or tuned
+        if args.plain_alone == "tuned":
+            shards.tune_allocator()
+        print(rate(plain, 60))
+        return
+    shards.tune_allocator()  # as a render worker runs: tables 1-3 with the allocator it ships
     results: dict = {"config": "160x160, 8 frames, 51x51 kernels", "source": args.source}
 
     stage_profile(cfg, src, 10)  # warm up: imports, FFT plans, the normal table
@@ -167,12 +218,7 @@ def main() -> None:
     def ours(i):
         return render.render_sample(big, "train", i, src)
 
-    def plain(i):
-        rng = np.random.default_rng(i)
-        canvas, _ = sources.draw_canvas(rng, src, cfg.canvas, cfg.sources)
-        return straightforward_burst(rng, canvas, cfg)
-
-    r_plain, r_ours = rate(plain, 30), rate(ours, 200)
+    r_plain, r_ours = rate(plain, 60), rate(ours, 200)
     print("\n(2) one core, sample function only (no encoding), bursts/s")
     print(f"  straightforward generator {r_plain:8.1f}")
     print(f"  this pipeline             {r_ours:8.1f}   ({r_ours / r_plain:.1f}x)")
@@ -202,6 +248,27 @@ def main() -> None:
             print(f"  {engine:<8}{workers:>8}{r:>10.1f}{r / workers:>10.1f}{r / base:>12.2f}x{started}")
             results["runs"].append({"engine": engine, "workers": workers, "bursts_per_s": r,
                                     "per_core": r / workers, "speedup": r / base, "ray_start_s": ray_start})
+
+    print(f"\n(4) the command line, start-up included: python -m pipeline render --workers 1, against the"
+          " straightforward generator run alone in a fresh process (before and after, averaged), with"
+          " glibc's allocator as it comes and tuned as the render workers tune it")
+    gen = {mode: [plain_alone(args, mode)] for mode in ("default", "tuned")}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for engine in args.engines.split(","):
+            fixed = min(time_cli(1, args.source, engine, Path(tmp)) for _ in range(2))
+            rows.append((engine, fixed, time_cli(args.samples, args.source, engine, Path(tmp))))
+    for mode in gen:
+        gen[mode] = sum(gen[mode] + [plain_alone(args, mode)]) / 2
+        print(f"  straightforward generator, allocator {mode:<8}{gen[mode]:8.1f} bursts/s")
+    print(f"  {'engine':<8}{'1 burst s':>10}{f'{args.samples} bursts s':>16}{'bursts/s':>10}"
+          f"{'vs generator':>14}{'vs tuned one':>14}")
+    results["cli"] = {"straightforward": gen, "runs": []}
+    for engine, fixed, whole in rows:
+        r = args.samples / whole
+        print(f"  {engine:<8}{fixed:>10.2f}{whole:>16.2f}{r:>10.1f}{r / gen['default']:>13.2f}x{r / gen['tuned']:>13.2f}x")
+        results["cli"]["runs"].append({"engine": engine, "fixed_s": fixed, "seconds": whole, "bursts_per_s": r,
+                                       "vs_straightforward": r / gen["default"], "vs_tuned": r / gen["tuned"]})
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 
