@@ -186,7 +186,9 @@ def test_ctrl_c_then_rerun_gives_the_same_bytes(tmp_path):
     # the worker holds at the start of train-000002.tar (PIPELINE_HOLD) until the interrupt comes,
     # so the run is interrupted with two shards done and the rest not, on any machine at any load
     out, held = tmp_path / "c", tmp_path / "held"
-    env = dict(os.environ, PIPELINE_HOLD=f"train-000002.tar:{held}")
+    # PYTHONFAULTHANDLER: should the run hang after the interrupt, SIGABRT makes every thread of the
+    # driver and its worker print its stack, for the failure message
+    env = dict(os.environ, PIPELINE_HOLD=f"train-000002.tar:{held}", PYTHONFAULTHANDLER="1")
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args, "--out", str(out)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 300  # only a broken run gets near this; the hold is reached in seconds
@@ -194,7 +196,12 @@ def test_ctrl_c_then_rerun_gives_the_same_bytes(tmp_path):
         time.sleep(0.05)
     assert held.exists(), "the render never reached the held shard"
     os.killpg(proc.pid, signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGABRT)
+        _, err = proc.communicate(timeout=60)
+        pytest.fail(f"the render did not stop within 120 s of Ctrl-C; its threads:\n{err[-8000:]}")
     assert proc.returncode == 130, err
     assert not (out / "manifest.json").exists()
     # the shards finished before the hold are complete (tar + stats); the held one left nothing
