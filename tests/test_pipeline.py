@@ -189,8 +189,15 @@ def test_ctrl_c_then_rerun_gives_the_same_bytes(tmp_path):
     # PYTHONFAULTHANDLER: should the run hang after the interrupt, SIGABRT makes every thread of the
     # driver and its worker print its stack, for the failure message
     env = dict(os.environ, PIPELINE_HOLD=f"train-000002.tar:{held}", PYTHONFAULTHANDLER="1")
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args, "--out", str(out)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # A suite started as a background job of a non-interactive shell (`make test &`) inherits
+    # SIGINT ignored, and so would the render: Python then keeps it ignored and Ctrl-C never
+    # arrives. A handled signal is reset to its default by exec, so the child gets a real Ctrl-C.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args, "--out", str(out)], cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     deadline = time.time() + 300  # only a broken run gets near this; the hold is reached in seconds
     while time.time() < deadline and not held.exists() and proc.poll() is None:
         time.sleep(0.05)
