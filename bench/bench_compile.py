@@ -46,7 +46,7 @@ def run_one(name: str, threads: int, steps: int, width: int) -> dict:
     compiled, bf16, channels_last = CONFIGS[name]
     if name == "eager-maxdim":
         trainer.model.frame_max = lambda x, n: same_format(x.unflatten(0, (-1, n)).max(dim=1).values, x)
-    cfg = from_dict(ModelConfig, {**tomllib.loads(TRAIN_CONFIG.read_text())["model"]}, "model")
+    cfg = from_dict(ModelConfig, tomllib.loads(TRAIN_CONFIG.read_text())["model"], "model")
     if width:
         cfg.width = width
     with torch.random.fork_rng(devices=[]):

@@ -4,7 +4,8 @@ included, with 1 and 2 workers, against a straightforward generator run in the s
     .venv/bin/python bench/bench_render.py [--samples 1024] [--source deadleaves] [--json out.json]
 
 Tables 1-3 run with glibc's allocator tuned as a render worker tunes it
-(``pipeline.shards.tune_allocator``), the straightforward generator included. Prints four tables: (1) the stage profile of one core (where the time goes: the steps of
+(``pipeline.shards.tune_allocator``), the straightforward generator included. Prints four
+tables: (1) the stage profile of one core (where the time goes: the steps of
 `imaging.degrade` timed one by one, encoding, and writing the members into a tar), with the minor
 page faults per burst (fresh pages from the allocator cost ~1 us each on this VM), (2) the
 straightforward baseline vs this pipeline's sample function on one core, (3) whole runs of
@@ -41,10 +42,15 @@ from pipeline.config import ShardConfig, from_dict, validate  # noqa: E402
 from pipeline.run import render_dataset, start_ray  # noqa: E402
 
 
+def bench_tables(samples: int, source: str) -> dict[str, dict]:
+    """The benchmark's config as TOML tables: {table name: {key: value}}."""
+    return {"dataset": {"name": "bench", "seed": 1, "frames": 8, "size": 160, "kernel_size": 51},
+            "splits.train": {"samples": samples, "samples_per_shard": 64, "source": source}}
+
+
 def bench_config(samples: int, source: str) -> ShardConfig:
-    cfg = from_dict(ShardConfig, {
-        "dataset": {"name": "bench", "seed": 1, "frames": 8, "size": 160, "kernel_size": 51},
-        "splits": {"train": {"samples": samples, "samples_per_shard": 64, "source": source}}})
+    tables = bench_tables(samples, source)
+    cfg = from_dict(ShardConfig, {"dataset": tables["dataset"], "splits": {"train": tables["splits.train"]}})
     validate(cfg)
     return cfg
 
@@ -78,9 +84,9 @@ def straightforward_burst(rng: np.random.Generator, canvas: np.ndarray, cfg: Sha
 
 
 def config_toml(samples: int, source: str) -> str:
-    """bench_config as a TOML file for the command line."""
-    return (f'[dataset]\nname = "bench"\nseed = 1\nframes = 8\nsize = 160\nkernel_size = 51\n\n'
-            f'[splits.train]\nsamples = {samples}\nsamples_per_shard = 64\nsource = "{source}"\n')
+    """bench_config as a TOML file for the command line (JSON ints and strings are TOML's)."""
+    return "\n".join(f"[{name}]\n" + "".join(f"{key} = {json.dumps(value)}\n" for key, value in table.items())
+                     for name, table in bench_tables(samples, source).items())
 
 
 def time_cli(samples: int, source: str, engine: str, tmp: Path) -> float:
@@ -252,15 +258,15 @@ def main() -> None:
     print(f"\n(4) the command line, start-up included: python -m pipeline render --workers 1, against the"
           " straightforward generator run alone in a fresh process (before and after, averaged), with"
           " glibc's allocator as it comes and tuned as the render workers tune it")
-    gen = {mode: [plain_alone(args, mode)] for mode in ("default", "tuned")}
+    before = {mode: plain_alone(args, mode) for mode in ("default", "tuned")}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for engine in args.engines.split(","):
             fixed = min(time_cli(1, args.source, engine, Path(tmp)) for _ in range(2))
             rows.append((engine, fixed, time_cli(args.samples, args.source, engine, Path(tmp))))
-    for mode in gen:
-        gen[mode] = sum(gen[mode] + [plain_alone(args, mode)]) / 2
-        print(f"  straightforward generator, allocator {mode:<8}{gen[mode]:8.1f} bursts/s")
+    gen = {mode: (rate_before + plain_alone(args, mode)) / 2 for mode, rate_before in before.items()}
+    for mode, r in gen.items():
+        print(f"  straightforward generator, allocator {mode:<8}{r:8.1f} bursts/s")
     print(f"  {'engine':<8}{'1 burst s':>10}{f'{args.samples} bursts s':>16}{'bursts/s':>10}"
           f"{'vs generator':>14}{'vs tuned one':>14}")
     results["cli"] = {"straightforward": gen, "runs": []}

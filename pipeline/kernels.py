@@ -87,20 +87,13 @@ def sample_kernel_params(rng: np.random.Generator, cfg: KernelConfig, frames: in
 
 
 @functools.lru_cache(maxsize=8)
-def _damping_matrix(d: float, T: int) -> np.ndarray:
-    """float64 (T, T): d^(t-s) where s <= t, else 0 (read-only: cached)."""
+def _damping_weights(d: float, T: int) -> tuple[np.ndarray, np.ndarray]:
+    """float64 (T, T) d^(t-s) where s <= t, else 0; and (T,) d^(t+1). Read-only: cached."""
     lag = np.subtract.outer(np.arange(T), np.arange(T))
-    m = np.where(lag >= 0, d ** np.maximum(lag, 0).astype(np.float64), 0.0)
-    m.flags.writeable = False
-    return m
-
-
-@functools.lru_cache(maxsize=8)
-def _damping_powers(d: float, T: int) -> np.ndarray:
-    """float64 (T,): d^(t+1) (read-only: cached)."""
-    p = d ** np.arange(1, T + 1, dtype=np.float64)
-    p.flags.writeable = False
-    return p
+    matrix = np.where(lag >= 0, d ** np.maximum(lag, 0).astype(np.float64), 0.0)
+    powers = d ** np.arange(1, T + 1, dtype=np.float64)
+    matrix.flags.writeable = powers.flags.writeable = False
+    return matrix, powers
 
 
 def trajectories(accel: np.ndarray, v0: np.ndarray, damping: float) -> np.ndarray:
@@ -111,14 +104,14 @@ def trajectories(accel: np.ndarray, v0: np.ndarray, damping: float) -> np.ndarra
     start-up transient. Returns float64 (F, T, 2) positions (x, y) in units of the RMS radius.
     """
     v_init = v0 / np.sqrt(1.0 - damping**2)
-    T = accel.shape[1]
+    F, T = accel.shape[:2]
     # v_t = sum_{s <= t} d^(t-s) a_s + d^(t+1) v_init: one product with a (T, T) lower-triangular
     # matrix instead of a loop over t (scipy.signal.lfilter would do it too, but importing
     # scipy.signal costs 0.5-1 s in every worker process)
-    F = accel.shape[0]
+    matrix, powers = _damping_weights(float(damping), T)
     flat = np.ascontiguousarray(accel.transpose(1, 0, 2)).reshape(T, -1)  # (T, F * 2): one GEMM
-    vel = (_damping_matrix(float(damping), T) @ flat).reshape(T, F, -1).transpose(1, 0, 2)
-    vel += _damping_powers(float(damping), T)[:, None] * v_init[:, None, :]
+    vel = (matrix @ flat).reshape(T, F, -1).transpose(1, 0, 2)
+    vel += powers[:, None] * v_init[:, None, :]
     pos = np.cumsum(vel, axis=1)
     pos -= pos.mean(axis=1, keepdims=True)
     rms = np.sqrt((pos**2).sum(axis=2).mean(axis=1))
