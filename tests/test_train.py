@@ -149,6 +149,42 @@ def test_fba_guided_model_trains_resumes_exactly_and_loads(tiny_shards, tmp_path
     assert model(torch.rand(1, 3, 3, 20, 28)).shape == (1, 3, 20, 28)
 
 
+def test_weight_average_is_what_is_validated_and_saved_and_resumes_exactly(tiny_shards, tmp_path):
+    """train.ema: checkpoints' "model" is the average (what inference loads), "train_model" the
+    trained weights; straight == split-and-resumed for both; the average is the recurrence
+    w <- d·w + (1 - d)·weights of the trained weights, which it is not equal to."""
+    straight, split, plain = tmp_path / "straight", tmp_path / "split", tmp_path / "plain"
+    ema = ["--set", "train.ema=0.9"]
+    assert run_cli(["--out", str(straight)] + tiny_sets(tiny_shards) + ema) == 0
+    assert run_cli(["--out", str(split)] + tiny_sets(tiny_shards, steps=3) + ema) == 0
+    assert train_mod.main(["--out", str(split), "--resume", "--set", "train.steps=6"]) == 0
+    assert run_cli(["--out", str(plain)] + tiny_sets(tiny_shards)) == 0
+    a = torch.load(straight / "last.pt", map_location="cpu", weights_only=True)
+    b = torch.load(split / "last.pt", map_location="cpu", weights_only=True)
+    assert a["ema_updates"] == b["ema_updates"] == 6
+    for key in ("model", "train_model"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+    # the trained weights are those of a run without the average: it only watches
+    p = weights(plain / "last.pt")
+    assert all(torch.equal(a["train_model"][k], p[k]) for k in p)
+    assert any(not torch.equal(a["model"][k], p[k]) for k in p if p[k].is_floating_point())
+    # the recurrence, on a model whose weights are set by hand
+    net = torch.nn.Linear(2, 1)
+    average = train_mod.WeightAverage(net, decay=0.5)
+    start = net.weight.detach().clone()
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    average.update(net)  # d = min(0.5, 2 / 11)
+    d = 2 / 11
+    assert torch.allclose(average.module.weight, d * start + (1 - d) * (start + 1.0))
+    assert not average.module.weight.requires_grad
+    # inference loads the average
+    model = trainer.model.load(straight / "last.pt")
+    assert all(torch.equal(model.state_dict()[k], a["model"][k]) for k in a["model"])
+    with pytest.raises(ConfigError, match="train.ema"):
+        load_train_config(None, ["train.ema=1"])
+
+
 def test_init_starts_from_given_weights_and_checks_them_before_work(tiny_shards, tmp_path, capsys):
     """train.init: step 0's weights are the file's (not the seed's init), the optimizer and the
     schedule start afresh; a missing file or another [model] is one error line before any work."""

@@ -39,6 +39,10 @@ class TrainSection:
     lr_floor: float = 0.02  # cosine only: the last step's lr as a fraction of lr
     warmup_steps: int = 0  # linear warmup from lr/warmup_steps to lr
     grad_clip: float = 0.0  # max global grad norm; 0 = off
+    # an exponential moving average of the weights is what is validated, chosen as best.pt and
+    # saved as the checkpoints' "model" (the weights users get); its decay at update k is
+    # min(ema, (1 + k) / (10 + k)). 0 = off (the weights of the last step, as the paper)
+    ema: float = 0.0
     crop: int = 128  # training crop side, px (<= the stored size)
     min_frames: int = 1  # burst length of each batch is uniform in min_frames..max_frames
     max_frames: int = 8
@@ -71,6 +75,7 @@ class TrainSection:
         check(self.lr_schedule in ("exp", "cosine"), f"train.lr_schedule must be 'exp' or 'cosine', got '{self.lr_schedule}'")
         check(0 <= self.lr_floor <= 1, f"train.lr_floor must be in [0, 1], got {self.lr_floor}")
         check(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        check(0 <= self.ema < 1, f"train.ema must be in [0, 1) (0 = off), got {self.ema}")
         check(self.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
         check(self.min_frames <= self.max_frames,
               f"train.min_frames ({self.min_frames}) must be <= train.max_frames ({self.max_frames})")

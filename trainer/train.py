@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
@@ -337,6 +338,27 @@ class Progress:
     validations: int = 0  # validations of this process (image grids every image_every of them)
 
 
+class WeightAverage:
+    """An exponential moving average of a model's weights (``train.ema``), kept beside it.
+
+    After update k its weights are w <- d·w + (1 - d)·weights with d = min(ema, (1 + k) / (10 + k)),
+    so the random init is forgotten within the first steps. It holds every floating-point tensor
+    of the model's state dict (weight norm's parts included), in the model's memory format.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float, updates: int = 0):
+        self.module = copy.deepcopy(model).requires_grad_(False)
+        self.decay, self.updates = decay, updates
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        ours = [v for v in self.module.state_dict().values() if v.is_floating_point()]
+        theirs = [v for v in model.state_dict().values() if v.is_floating_point()]
+        torch._foreach_lerp_(ours, theirs, 1.0 - d)
+
+
 class LossMonitor:
     """Training losses kept on the device between checks, so ordinary steps need no host sync.
 
@@ -479,14 +501,24 @@ def build_training(run: Run, init: dict | None = None) -> tuple[torch.nn.Module,
     return model, optimizer_cls(model.parameters(), lr=t.lr)
 
 
-def restore(run: Run, ckpt: dict | None, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Progress:
+def restore(run: Run, ckpt: dict | None, model: torch.nn.Module,
+            optimizer: torch.optim.Optimizer) -> tuple[Progress, WeightAverage | None]:
     """Load a resumed run's state into ``model`` and ``optimizer``; its Progress (a fresh one
-    without ``ckpt``). CheckpointError when the state does not fit the model."""
-    if ckpt is None:
-        return Progress()
+    without ``ckpt``) and its weight average (None when ``train.ema`` is 0). A checkpoint of a run
+    with an average holds the average as "model" and the trained weights as "train_model"; a run
+    resumed with ``train.ema`` newly set starts its average from the trained weights.
+    CheckpointError when the state does not fit the model."""
     t = run.cfg.train
+    if ckpt is None:
+        return Progress(), (WeightAverage(model, t.ema) if t.ema > 0 else None)
     try:  # the model config was compared already: a state that does not fit is a damaged file
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(ckpt.get("train_model", ckpt["model"]))
+        average = None
+        if t.ema > 0:
+            average = WeightAverage(model, t.ema)
+            if "train_model" in ckpt:
+                average.module.load_state_dict(ckpt["model"])
+                average.updates = int(ckpt.get("ema_updates", 0))
         optimizer.load_state_dict(ckpt["optimizer"])
         if "rng" in ckpt:
             torch.set_rng_state(ckpt["rng"]["torch"])
@@ -500,7 +532,7 @@ def restore(run: Run, ckpt: dict | None, model: torch.nn.Module, optimizer: torc
         run.say(f"note: the checkpoint was trained with {old.get('world_size')} rank(s) × "
                 f"{old.get('readers_per_rank')} reader(s), this run uses {run.world} × {max(1, t.num_workers)}: "
                 "the batches from here on differ from an uninterrupted run")
-    return progress
+    return progress, average
 
 
 def wrap_model(run: Run, model: torch.nn.Module) -> torch.nn.Module:
@@ -632,10 +664,14 @@ def validation_step(run: Run, model: torch.nn.Module, val: dict, baseline: dict[
 
 
 def save_checkpoint(path: Path, run: Run, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    progress: Progress) -> None:
-    """Everything a run is rebuilt from (trainer/checkpoint.py writes it atomically)."""
+                    progress: Progress, average: WeightAverage | None = None) -> None:
+    """Everything a run is rebuilt from (trainer/checkpoint.py writes it atomically). "model" is
+    what inference loads: the weight average when the run keeps one (then the trained weights,
+    which the optimizer's state belongs to, are "train_model")."""
+    extra = {} if average is None else {"train_model": model.state_dict(), "ema_updates": average.updates}
     save_atomic({
-        "model": model.state_dict(),  # the bare module: no DDP/compile prefixes
+        "model": (model if average is None else average.module).state_dict(),  # the bare module: no DDP/compile prefixes
+        **extra,
         "config": to_dict(run.cfg),
         "versions": software_versions(),  # torch, numpy, python, code: str values (weights_only loads them)
         "optimizer": optimizer.state_dict(),
@@ -651,10 +687,11 @@ def save_checkpoint(path: Path, run: Run, model: torch.nn.Module, optimizer: tor
     }, path)
 
 
-def save_last(run: Run, model: torch.nn.Module, optimizer: torch.optim.Optimizer, progress: Progress) -> None:
+def save_last(run: Run, model: torch.nn.Module, optimizer: torch.optim.Optimizer, progress: Progress,
+              average: WeightAverage | None = None) -> None:
     """last.pt, then config.toml (after it: last.pt is what --resume reads), so that new settings
     that diverge before their first checkpoint never replace the good ones."""
-    save_checkpoint(run.out_dir / "last.pt", run, model, optimizer, progress)
+    save_checkpoint(run.out_dir / "last.pt", run, model, optimizer, progress, average)
     atomic_write_bytes(run.out_dir / "config.toml", to_toml(to_dict(run.cfg)).encode())
 
 
@@ -745,7 +782,7 @@ def _train(run: Run, ckpt: dict | None, init: dict | None = None) -> dict:
     t = run.cfg.train
     # ---- setup: model, optimizer, resumed state, data, validation set, logs
     model, optimizer = build_training(run, init)
-    progress = restore(run, ckpt, model, optimizer)
+    progress, average = restore(run, ckpt, model, optimizer)
     start_step = progress.step
     train_model = wrap_model(run, model)
     stream, batches = open_batches(run, start_step)
@@ -783,6 +820,8 @@ def _train(run: Run, ckpt: dict | None, init: dict | None = None) -> dict:
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip) if t.grad_clip > 0 else None
             optimizer.step()
+            if average is not None:
+                average.update(model)
             progress.step += 1
             clock.count(len(target) * run.world)
 
@@ -795,11 +834,12 @@ def _train(run: Run, ckpt: dict | None, init: dict | None = None) -> dict:
                 losses.reset()
                 clock.restart()
             if run.master and (step % t.val_every == 0 or step == t.steps):
-                if validation_step(run, model, val, baseline, writer, progress):
-                    save_checkpoint(run.out_dir / "best.pt", run, model, optimizer, progress)
+                validated = model if average is None else average.module
+                if validation_step(run, validated, val, baseline, writer, progress):
+                    save_checkpoint(run.out_dir / "best.pt", run, model, optimizer, progress, average)
                 clock.exclude()
             if run.master and (step % t.ckpt_every == 0 or step == t.steps):
-                save_last(run, model, optimizer, progress)
+                save_last(run, model, optimizer, progress, average)
                 clock.exclude()
         if writer:
             log_hparams(run, writer, progress, baseline)
