@@ -16,8 +16,8 @@ degradation model, so all variants hold the same crops of the same photographs:
     python bench/quality.py --checkpoint ... --variants aligned,misaligned --json runs/quality/report.json
 
 With ``--lengths 1,2,4`` it also trains the `make all` default for 1x, 2x and 4x its steps
-(resuming one run, so the 1x and 2x checkpoints are those a shorter run would end with) and
-scores each, the "quality vs training length" table. With ``--recipe NAME=KEY=V,KEY=V`` (repeatable)
+(with the paper's schedule one run, resumed, so the 1x and 2x checkpoints are those a shorter
+run would end with; with the default cosine decay a run per length) and scores each, the "quality vs training length" table. With ``--recipe NAME=KEY=V,KEY=V`` (repeatable)
 it trains the `make all` default with those overrides, each in a fresh process whose CPU time is
 measured, and scores each: the "quality per CPU-minute" table of recipes. Datasets are rendered once into
 --data-root with the local engine and reused (same config, same bytes). Prints Markdown tables
@@ -116,21 +116,25 @@ def table(title: str, results: dict[str, dict]) -> str:
 
 
 def train_lengths(factors: list[int], train_config: str, data: Path, run: Path, log) -> dict[str, Path]:
-    """Train the given config for factor × its steps (one run, resumed), keeping each checkpoint.
-    Returns {"1x": path, ...}: the run's best.pt at each length (chosen on validation)."""
+    """Train the given config for factor × its steps, keeping each length's checkpoint. With the
+    paper's schedule ("exp": the rate does not depend on train.steps) it is one run, resumed, so
+    each length's weights are those a shorter run ends with; with a cosine decay over train.steps
+    each length is a run of its own (runs/<f>x), decaying over its whole length. Returns {"1x":
+    path, ...}: each length's best.pt (chosen on validation)."""
     from trainer.config import load_train_config
     from trainer.train import train
 
     base = load_train_config(ROOT / train_config, [f"data.dir={json.dumps(str(data))}"])
-    steps = base.train.steps
+    steps, separate = base.train.steps, base.train.lr_schedule == "cosine"
     out = {}
     for i, f in enumerate(sorted(factors)):
         cfg = load_train_config(ROOT / train_config, [f"data.dir={json.dumps(str(data))}",
                                                       f"train.steps={steps * f}"])
+        folder = run / f"{f}x" if separate else run
         t0 = time.time()
-        train(cfg, run, resume=i > 0, log=lambda m: None)
+        train(cfg, folder, resume=(folder / "last.pt").is_file() if separate else i > 0, log=lambda m: None)
         keep = run / f"best-{f}x.pt"
-        shutil.copyfile(run / "best.pt", keep)
+        shutil.copyfile(folder / "best.pt", keep)
         log(f"trained {f}x ({steps * f} steps) in {time.time() - t0:.0f} s -> {keep}")
         out[f"{f}x"] = keep
     return out

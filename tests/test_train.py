@@ -27,9 +27,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 def tiny_sets(data: Path, steps: int = 6, **train) -> list[str]:
     """--set overrides for a run of a few seconds on the tiny dataset."""
+    # the paper's schedule: a run resumed with more steps continues it exactly (a cosine one
+    # rescales the rest of its decay to the new length; see the cosine resume test)
     values = dict(steps=steps, batch_size=2, crop=24, max_frames=4, val_every=3, val_samples=2,
                   val_frames="[1, 3]", log_every=2, ckpt_every=3, image_every=1, image_samples=2,
-                  num_workers=0, shuffle_buffer=4)
+                  num_workers=0, shuffle_buffer=4, lr_schedule="exp")
     values.update(train)
     sets = [f"train.{k}={v}" for k, v in values.items()]
     sets += ["model.width=4", "model.mults=[1, 2]", f"data.dir={json.dumps(str(data))}"]
@@ -271,6 +273,61 @@ def test_existing_run_needs_resume(tiny_shards, tmp_path, capsys):
     assert run_cli(["--out", str(out)] + tiny_sets(tiny_shards, steps=2)) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "--resume" in err and "\n" not in err
+
+
+def test_interrupted_cosine_run_resumes_exactly(tiny_shards, tmp_path, monkeypatch):
+    """The `make train` schedule (cosine over train.steps): a run stopped by Ctrl-C after its
+    step-3 checkpoint and resumed with the same steps ends with the weights of a straight run."""
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    cosine = tiny_sets(tiny_shards, lr_schedule="cosine")
+    assert run_cli(["--out", str(straight)] + cosine) == 0
+    calls = []
+
+    def interrupted(pred, target):
+        if torch.is_grad_enabled():
+            calls.append(1)
+            if len(calls) == 5:  # step 4 (0-based), after last.pt of step 3
+                raise KeyboardInterrupt
+        return train_loss(pred, target)
+
+    train_loss = train_mod.burst_loss
+    monkeypatch.setattr(train_mod, "burst_loss", interrupted)
+    assert run_cli(["--out", str(stopped)] + cosine) != 0
+    assert torch.load(stopped / "last.pt", map_location="cpu", weights_only=True)["step"] == 3
+    monkeypatch.setattr(train_mod, "burst_loss", train_loss)
+    assert train_mod.main(["--out", str(stopped), "--resume"]) == 0
+    a, b = weights(straight / "last.pt"), weights(stopped / "last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_quality_lengths_train_a_cosine_run_per_length_and_resume_an_exp_one(tiny_shards, tmp_path):
+    """bench/quality.py --lengths: with a cosine decay each length is a run of its own, decaying
+    over its whole length; with the paper's rate one run is resumed (its 1x best is a shorter
+    run's)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quality", REPO / "bench" / "quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    sets = tiny_sets(tiny_shards, steps=3)
+    for schedule in ("cosine", "exp"):
+        config = tmp_path / f"{schedule}.toml"
+        cfg = load_train_config(REPO / "configs/train/default.toml",
+                                [sets[i + 1] for i in range(0, len(sets), 2)] + [f'train.lr_schedule="{schedule}"'])
+        config.write_text(train_mod.to_toml(to_dict(cfg)))
+        run = tmp_path / f"lengths-{schedule}"
+        kept = quality.train_lengths([1, 2], str(config), tiny_shards, run, log=lambda m: None)
+        assert set(kept) == {"1x", "2x"} and all(p.is_file() for p in kept.values())
+        if schedule == "cosine":
+            for f, steps in ((1, 3), (2, 6)):
+                last = torch.load(run / f"{f}x" / "last.pt", map_location="cpu", weights_only=True)
+                assert last["step"] == steps and last["config"]["train"]["steps"] == steps
+            # the 2x run decays to its floor at step 6, not at step 3
+            t = load_train_config(run / "2x" / "config.toml").train
+            assert train_mod.lr_at(2, t) > train_mod.lr_at(5, t) == pytest.approx(t.lr * t.lr_floor)
+        else:
+            assert not (run / "1x").exists()
+            assert torch.load(run / "last.pt", map_location="cpu", weights_only=True)["step"] == 6
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_shards, tmp_path, monkeypatch, capsys):
