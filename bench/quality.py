@@ -17,9 +17,10 @@ degradation model, so all variants hold the same crops of the same photographs:
 
 With ``--lengths 1,2,4`` it also trains the `make all` default for 1x, 2x and 4x its steps
 (with the paper's schedule one run, resumed, so the 1x and 2x checkpoints are those a shorter
-run would end with; with the default cosine decay a run per length) and scores each, the "quality vs training length" table. With ``--recipe NAME=KEY=V,KEY=V`` (repeatable)
-it trains the `make all` default with those overrides, each in a fresh process whose CPU time is
-measured, and scores each: the "quality per CPU-minute" table of recipes. Datasets are rendered once into
+run would end with; with the default cosine decay a run per length) and scores each, the
+"quality vs training length" table. With ``--recipe NAME=KEY=V,KEY=V`` (repeatable) it trains
+the `make all` default with those overrides, each in a fresh process whose CPU time is measured,
+and scores each: the "quality per CPU-minute" table of recipes. Datasets are rendered once into
 --data-root with the local engine and reused (same config, same bytes). Prints Markdown tables
 and writes a JSON report.
 """
