@@ -38,19 +38,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline import imaging, kernels, render, shards, sources  # noqa: E402
 from pipeline.format import encode_sample  # noqa: E402
+from common.config import to_toml  # noqa: E402
 from pipeline.config import ShardConfig, from_dict, validate  # noqa: E402
 from pipeline.run import render_dataset, start_ray  # noqa: E402
 
 
 def bench_tables(samples: int, source: str) -> dict[str, dict]:
-    """The benchmark's config as TOML tables: {table name: {key: value}}."""
+    """The benchmark's config as nested tables (what its TOML file reads into)."""
     return {"dataset": {"name": "bench", "seed": 1, "frames": 8, "size": 160, "kernel_size": 51},
-            "splits.train": {"samples": samples, "samples_per_shard": 64, "source": source}}
+            "splits": {"train": {"samples": samples, "samples_per_shard": 64, "source": source}}}
 
 
 def bench_config(samples: int, source: str) -> ShardConfig:
-    tables = bench_tables(samples, source)
-    cfg = from_dict(ShardConfig, {"dataset": tables["dataset"], "splits": {"train": tables["splits.train"]}})
+    cfg = from_dict(ShardConfig, bench_tables(samples, source))
     validate(cfg)
     return cfg
 
@@ -84,9 +84,8 @@ def straightforward_burst(rng: np.random.Generator, canvas: np.ndarray, cfg: Sha
 
 
 def config_toml(samples: int, source: str) -> str:
-    """bench_config as a TOML file for the command line (JSON ints and strings are TOML's)."""
-    return "\n".join(f"[{name}]\n" + "".join(f"{key} = {json.dumps(value)}\n" for key, value in table.items())
-                     for name, table in bench_tables(samples, source).items())
+    """bench_config as a TOML file for the command line."""
+    return to_toml(bench_tables(samples, source))
 
 
 def time_cli(samples: int, source: str, engine: str, tmp: Path) -> float:

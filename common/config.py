@@ -181,3 +181,45 @@ def check(cond: bool, message: str) -> None:
 
 # split names: lowercase letters, digits and '_' (the pipeline's and the trainer's)
 SPLIT_NAME = re.compile(r"[a-z0-9_]+")
+
+
+# ----------------------------------------------------------------------------- TOML writer
+
+
+def _toml_value(value: Any, where: str) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(f"{where}: {value} cannot be written to TOML")
+        return repr(value)  # shortest repr that round-trips; TOML reads 1e-05 and 0.001
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v, f"{where}[{i}]") for i, v in enumerate(value)) + "]"
+    raise ConfigError(f"{where}: cannot write {type(value).__name__} to TOML")
+
+
+def to_toml(data: dict) -> str:
+    """Write a dict of tables (nested dicts of scalars and lists) as TOML text.
+
+    Enough for configs: what tomllib reads back equals ``data`` exactly.
+    """
+    lines: list[str] = []
+
+    def table(prefix: str, node: dict) -> None:
+        scalars = {k: v for k, v in node.items() if not isinstance(v, dict)}
+        if prefix and (scalars or not node):
+            lines.append(f"[{prefix}]")
+        for key, value in scalars.items():
+            lines.append(f"{key} = {_toml_value(value, f'{prefix}.{key}' if prefix else key)}")
+        if prefix and (scalars or not node):
+            lines.append("")
+        for key, value in node.items():
+            if isinstance(value, dict):
+                table(f"{prefix}.{key}" if prefix else key, value)
+
+    table("", data)
+    return "\n".join(lines).rstrip() + "\n"

@@ -313,7 +313,7 @@ def test_quality_lengths_train_a_cosine_run_per_length_and_resume_an_exp_one(tin
     for schedule in ("cosine", "exp"):
         config = tmp_path / f"{schedule}.toml"
         cfg = load_train_config(REPO / "configs/train/default.toml",
-                                [sets[i + 1] for i in range(0, len(sets), 2)] + [f'train.lr_schedule="{schedule}"'])
+                                sets[1::2] + [f'train.lr_schedule="{schedule}"'])
         config.write_text(train_mod.to_toml(to_dict(cfg)))
         run = tmp_path / f"lengths-{schedule}"
         kept = quality.train_lengths([1, 2], str(config), tiny_shards, run, log=lambda m: None)

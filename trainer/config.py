@@ -11,13 +11,11 @@ The resolved config is saved into the run folder as ``config.toml`` (loadable ag
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from common.config import SPLIT_NAME, ConfigError, check, load_config, to_dict  # noqa: F401 - to_dict re-exported
+from common.config import SPLIT_NAME, ConfigError, check, load_config, to_dict, to_toml  # noqa: F401 - to_dict, to_toml re-exported
 from trainer.model import ModelConfig
 
 
@@ -123,45 +121,3 @@ class TrainConfig:
 def load_train_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> TrainConfig:
     """Load ``path`` (TOML) or ``base`` (a plain dict, e.g. from a checkpoint), apply ``--set`` overrides."""
     return load_config(TrainConfig, path, list(overrides), base=base)
-
-
-# ----------------------------------------------------------------------------- TOML writer
-
-
-def _toml_value(value: Any, where: str) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if value != value or value in (float("inf"), float("-inf")):
-            raise ConfigError(f"{where}: {value} cannot be written to TOML")
-        return repr(value)  # shortest repr that round-trips; TOML reads 1e-05 and 0.001
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v, f"{where}[{i}]") for i, v in enumerate(value)) + "]"
-    raise ConfigError(f"{where}: cannot write {type(value).__name__} to TOML")
-
-
-def to_toml(data: dict) -> str:
-    """Write a dict of tables (nested dicts of scalars and lists) as TOML text.
-
-    Enough for configs: what tomllib reads back equals ``data`` exactly.
-    """
-    lines: list[str] = []
-
-    def table(prefix: str, node: dict) -> None:
-        scalars = {k: v for k, v in node.items() if not isinstance(v, dict)}
-        if prefix and (scalars or not node):
-            lines.append(f"[{prefix}]")
-        for key, value in scalars.items():
-            lines.append(f"{key} = {_toml_value(value, f'{prefix}.{key}' if prefix else key)}")
-        if prefix and (scalars or not node):
-            lines.append("")
-        for key, value in node.items():
-            if isinstance(value, dict):
-                table(f"{prefix}.{key}" if prefix else key, value)
-
-    table("", data)
-    return "\n".join(lines).rstrip() + "\n"
