@@ -98,6 +98,19 @@ def test_rerun_is_identical_and_seed_changes_subsets(evaluated, tiny_shards, che
     assert subsets_a != subsets_b
 
 
+def test_the_bundled_model_writes_under_the_current_directory(tiny_shards, checkpoint, tmp_path, monkeypatch):
+    """Without --checkpoint (the bundled model) and --out, the report goes to runs/shipped/eval-<split>
+    under the current directory, never beside the model (git's models/, or the installed package)."""
+    import trainer.model as model_mod
+
+    monkeypatch.setattr(model_mod, "SHIPPED", checkpoint)
+    monkeypatch.chdir(tmp_path)
+    beside = sorted(checkpoint.parent.iterdir())
+    assert evaluate.main(["--data", str(tiny_shards), "--split", "test", "--frames", "1", "--quiet"]) == 0
+    assert (tmp_path / "runs" / "shipped" / "eval-test" / "summary.json").is_file()
+    assert sorted(checkpoint.parent.iterdir()) == beside
+
+
 def test_printed_table(evaluated):
     summary = json.loads((evaluated / "summary.json").read_text())
     table = format_table(summary).splitlines()
@@ -115,6 +128,9 @@ def test_frame_subset_is_a_fixed_function_of_seed_sample_n():
     assert sorted(frame_subset(0, 3, 8, 8).tolist()) == list(range(8))
     draws = {tuple(frame_subset(s, i, 3, 8)) for s in range(3) for i in range(5)}
     assert len(draws) > 10  # seeds and samples give different subsets
+    for i in range(5):  # nested: N + 1 frames are the N frames and one more, the reference first
+        subsets = [frame_subset(0, i, n, 8).tolist() for n in range(1, 9)]
+        assert all(b[:-1] == a for a, b in zip(subsets, subsets[1:])) and subsets[0] == [0]
 
 
 def test_interval():

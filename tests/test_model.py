@@ -176,6 +176,36 @@ def test_select_base_starts_as_the_mean_and_is_invariant():
         ModelConfig(base="max").validate()
 
 
+def test_select_fba_base_weighs_fba_as_one_more_candidate():
+    """model.base = "select_fba": a "select" model's weights load into it (only the FBA logit's
+    conv is new); its output is invariant to the frame order; with FBA's logit far above the
+    frames' and no correction it is exactly the burst's FBA, far below them exactly the "select"
+    model's output; with one frame FBA is the frame, so the candidate changes nothing."""
+    select = make_model(dtype=torch.float64, base="select")
+    model = make_model(dtype=torch.float64, base="select_fba")
+    assert model.cfg.uses_fba and not select.cfg.uses_fba
+    with torch.no_grad():
+        select.select.weight.normal_(generator=torch.Generator().manual_seed(3))
+    missing, unexpected = model.load_state_dict(select.state_dict(), strict=False)
+    assert set(missing) == {"select_fba.weight", "select_fba.bias"} and not unexpected
+    burst = rand_burst((2, 5, 3, 37, 50), dtype=torch.float64)
+    with torch.no_grad():
+        model.select_fba.weight.normal_(generator=torch.Generator().manual_seed(4))
+        a, b = model(burst), model(burst[:, [3, 0, 4, 2, 1]])
+        assert (a - b).abs().max().item() <= 1e-12
+        assert (a - select(burst)).abs().max().item() > 1e-3
+        torch.testing.assert_close(model(burst[:, :1]), select(burst[:, :1]), rtol=0, atol=1e-12)
+        model.select_fba.weight.zero_()
+        model.select_fba.bias.fill_(-1e3)  # FBA's weight exp(-1000): the "select" model
+        torch.testing.assert_close(model(burst), select(burst), rtol=0, atol=1e-12)
+        guide = rand_burst((2, 3, 37, 50), seed=5, dtype=torch.float64)  # a given guide is used as it is
+        model.select_fba.bias.fill_(1e3)
+        model.head[-1].parametrizations.weight.original0.zero_()
+        torch.testing.assert_close(model(burst), fba(burst), rtol=0, atol=1e-12)
+        torch.testing.assert_close(model(burst, guide), guide, rtol=0, atol=1e-12)
+    assert model.stem.parametrizations.weight.original1.shape[1] == 3  # FBA is no input channel here
+
+
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
 def test_fused_equals_plain_for_the_same_weights(dtype, atol):
     fused = make_model(dtype=dtype, fused=True)

@@ -126,3 +126,15 @@ def test_bf16_on_cpu_stays_close_to_fp32():
     fp32 = run_tiled(model, frames, tile=512)
     bf16 = run_tiled(model, frames, tile=512, precision="bf16")
     assert bf16.dtype == np.float32 and 0 < np.abs(bf16 - fp32).max() < 0.05
+
+
+def test_select_fba_base_model_tiled_equals_untiled():
+    # model.base = "select_fba": FBA is one more candidate of the per-pixel softmax; the tiles get
+    # the FBA of the whole burst, so they blend what one pass blends (a weight that matters: bias 0)
+    model = make_model(base="select_fba")
+    with torch.no_grad():
+        model.select.weight.normal_(generator=torch.Generator().manual_seed(1))
+        model.select_fba.weight.normal_(generator=torch.Generator().manual_seed(2))
+        model.select_fba.bias.zero_()
+    assert receptive_radius(model.cfg) == receptive_radius(ModelConfig(width=8))
+    assert_tiled_equals_untiled(model, seed=4)

@@ -212,6 +212,30 @@ def test_init_starts_from_given_weights_and_checks_them_before_work(tiny_shards,
     with torch.no_grad():
         torch.testing.assert_close(trainer.model.load(grown / "last.pt")(burst),
                                    trainer.model.load(base / "last.pt")(burst), rtol=0, atol=1e-5)
+    # ... and a "select" one into "select_fba": the FBA candidate is added at its starting logit
+    with_fba = tmp_path / "with_fba"
+    init_select = ["--set", f"train.init={json.dumps(str(grown / 'last.pt'))}"]
+    assert run_cli(["--out", str(with_fba)] + tiny_sets(tiny_shards, steps=1, lr=1e-30) + init_select
+                   + ["--set", "model.base=select_fba"]) == 0
+    state = weights(with_fba / "last.pt")
+    assert state["select_fba.bias"].item() == pytest.approx(trainer.model.FBA_LOGIT_INIT, abs=1e-6)
+    assert all(torch.allclose(state[k], v, atol=1e-6) for k, v in weights(grown / "last.pt").items())
+    assert run_cli(["--out", str(tmp_path / "c")] + tiny_sets(tiny_shards, steps=1) + ["--set",
+                   f"train.init={json.dumps(str(with_fba / 'last.pt'))}", "--set", "model.base=select"]) == 2
+    assert "differs" in capsys.readouterr().err
+    # train.trainable: only the FBA logit's conv moves (a real rate), everything else stays the init's
+    head_only = tmp_path / "head_only"
+    assert run_cli(["--out", str(head_only)] + tiny_sets(tiny_shards, steps=2) + init_select
+                   + ["--set", "model.base=select_fba", "--set", 'train.trainable=["select_fba"]']) == 0
+    trained, start_fba = weights(head_only / "last.pt"), weights(with_fba / "last.pt")
+    moved = {k for k in trained if not torch.equal(trained[k], start_fba[k])}
+    assert moved and moved <= {"select_fba.weight", "select_fba.bias"}
+    capsys.readouterr()
+    assert run_cli(["--out", str(tmp_path / "d")] + tiny_sets(tiny_shards, steps=1)
+                   + ["--set", 'train.trainable=["head", "selekt"]']) == 2
+    err = capsys.readouterr().err.strip()
+    assert "train.trainable" in err and "'selekt'" in err and "\n" not in err
+    assert not (tmp_path / "d").exists()
 
     capsys.readouterr()
     missing = ["--set", f"train.init={json.dumps(str(tmp_path / 'nope.pt'))}"]

@@ -30,6 +30,10 @@ class TrainSection:
     # weights to start from instead of the seed's random init (a checkpoint or an exported model
     # whose [model] equals this one; a fine-tune: fresh optimizer, schedule from step 0); "" = none
     init: str = ""
+    # names (or name prefixes, e.g. "select_fba" or "head") of the parameters the optimizer updates;
+    # [] = all. The others keep their initial values: a fine-tune that trains only a new head on
+    # top of a trained network (train.init) cannot move what the network learned
+    trainable: list[str] = field(default_factory=list)
     lr: float = 3e-3
     optimizer: str = "adam"  # "adam" (paper) | "radam" (the public re-implementation)
     lr_schedule: str = "exp"  # "exp": lr · lr_decay^step (paper) | "cosine": lr → lr_floor · lr over train.steps
@@ -74,6 +78,8 @@ class TrainSection:
         check(0 <= self.lr_floor <= 1, f"train.lr_floor must be in [0, 1], got {self.lr_floor}")
         check(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
         check(0 <= self.ema < 1, f"train.ema must be in [0, 1) (0 = off), got {self.ema}")
+        check(all(isinstance(p, str) and p for p in self.trainable),
+              f"train.trainable must list parameter names or prefixes ([] = all), got {self.trainable}")
         check(self.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
         check(self.min_frames <= self.max_frames,
               f"train.min_frames ({self.min_frames}) must be <= train.max_frames ({self.max_frames})")

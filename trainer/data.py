@@ -37,7 +37,7 @@ dropped.
 Every subset starts with stored frame 0, the burst's reference. For a model of geometry "mean"
 (the default) the target is cut at the mean residual shift of the frames drawn (``augment``,
 ``shifted_crop``), so the output geometry follows from the frames alone. For a model with
-``guide = "fba"`` every batch also carries "guide": the FBA of each sample's chosen frames over
+``guide = "fba"`` or ``base = "select_fba"`` every batch also carries "guide": the FBA of each sample's chosen frames over
 the whole stored window (as evaluation and deblur compute it over the whole image), float32
 (B, crop, crop, 3), cut and flipped like the burst.
 
@@ -301,7 +301,7 @@ def augment(burst: np.ndarray, target: np.ndarray, n: int, crop: int, rng: np.ra
     target is then cut at the mean shift of the chosen frames (``shifted_crop``, float32 0..255),
     and the crop keeps |mean shift| + 3 px away from the borders so that it stays exact.
 
-    ``guide`` (for a model with ``guide = "fba"``): also return, third, the Fourier Burst
+    ``guide`` (for a model that uses FBA, ``ModelConfig.uses_fba``): also return, third, the Fourier Burst
     Accumulation of the n chosen frames over the whole stored window (as ``evaluate`` and
     ``deblur`` compute it over the whole image), cut and flipped like the burst: float32
     (crop, crop, 3) in [0, 1]. The random draws are the same with and without it.
@@ -353,7 +353,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         self.crop, self.min_frames, self.max_frames = crop, min_frames, max_frames
         self.shuffle_buffer, self.on_bad_shard = shuffle_buffer, on_bad_shard
         self.geometry = geometry  # the model's output geometry (model.geometry): where targets are cut
-        self.guide = guide  # model.guide == "fba": every batch also carries "guide", the FBA of each burst
+        self.guide = guide  # model.uses_fba: every batch also carries "guide", the FBA of each burst
         self.num_workers = num_workers  # DataLoader processes; 0 reads in the main process
         self.workers = max(1, num_workers)  # readers per rank
         self.rank, self.world_size, self.start_step = rank, world_size, start_step

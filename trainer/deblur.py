@@ -184,9 +184,9 @@ def deblur_aligned(model: torch.nn.Module, frames: Sequence[np.ndarray], options
         (rows, cols), multiple = frames[0].shape[:2], getattr(cfg, "multiple", 1)
         tiles = (len(tile_starts(rows, options.tile, overlap, multiple))
                  * len(tile_starts(cols, options.tile, overlap, multiple))) if overlap is not None else "?"
-        guided = getattr(cfg, "guide", "none") == "fba"
+        guided = getattr(cfg, "uses_fba", False)
         log(f"deblurring {cols}x{rows} px, {len(frames)} frames: "
-            f"{'the FBA guide of the whole burst, then ' if guided else ''}{tiles} tile(s) of up to "
+            f"{'the FBA of the whole burst, then ' if guided else ''}{tiles} tile(s) of up to "
             f"{options.tile} px (overlap {overlap} px), {batch} per pass on {device} ...")
     return run_tiled(model, frames, options.tile, overlap, device, batch, options.precision, progress)
 

@@ -2,10 +2,13 @@
 
     python -m trainer evaluate --checkpoint runs/default/best.pt --data shards/default --split test --out runs/default/eval
 
-For every sample of the split and every burst length N (default 1..min(8, stored frames)) a
-subset of N of the stored frames is drawn with numpy Generator(SeedSequence([seed, sample index,
-N])), so the result does not depend on batching or devices and every method sees the same frames
-in the same order. Methods: ``model`` (the checkpoint, fp32 with TF32 off, output clipped to
+For every sample of the split one order of its stored frames is drawn with numpy
+Generator(SeedSequence([seed, sample index])), the reference frame 0 first; burst length N (default
+1..min(8, stored frames)) takes the first N frames of that order. So the subsets are nested: going
+from N to N + 1 adds one frame and changes nothing else, and a PSNR curve over N measures what
+another frame brings (independent draws per N, as before 2026-12-02, moved every method's curve
+by up to 0.2 dB from one N to the next). The result does not depend on batching or devices and
+every method sees the same frames in the same order. Methods: ``model`` (the checkpoint, fp32 with TF32 off, output clipped to
 [0, 1]), ``fba`` (Fourier Burst Accumulation), ``mean``, ``first`` (first frame of the subset),
 ``best`` (oracle: the subset's frame with the best PSNR against the target). Metrics: PSNR and
 SSIM of trainer/metrics.py on sRGB in [0, 1] (uint8 / 255), whole image, no border crop. The
@@ -14,7 +17,8 @@ target for a "reference" model or registered frames; for a "mean" model and misa
 the stored target moved to the mean shift of the subset's frames (every method is scored against
 that same target).
 
-Outputs in --out (default: <checkpoint folder>/eval-<split>):
+Outputs in --out (default: <checkpoint folder>/eval-<split>; without --checkpoint, for the bundled
+model, runs/shipped/eval-<split> under the current directory: never inside the package):
 - metrics.csv: one row per (sample, method, N): key, method, frames (N), subset (the stored frame
   indices used, in order), psnr, ssim.
 - summary.json: per method and N the mean PSNR/SSIM with a 95% interval, normal approximation
@@ -64,11 +68,16 @@ Z95 = 1.959963984540054  # two-sided 95% quantile of the standard normal
 EXAMPLE_FRAMES = 3  # input frames shown per example row
 
 
+# where `evaluate` without --checkpoint and --out writes (relative to the current directory)
+SHIPPED_OUT = Path("runs") / "shipped"
+
 def frame_subset(seed: int, sample_index: int, n: int, stored: int) -> np.ndarray:
     """The N stored-frame indices (int64, in the order used) that every method sees for a sample:
-    the reference frame 0 first, then N - 1 others (``trainer.data.reference_subset``)."""
-    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, sample_index, n])))
-    return reference_subset(rng, stored, n)
+    the first N of the sample's frame order, which starts with the reference frame 0 and goes on
+    with the others in an order drawn once per (seed, sample) (``trainer.data.reference_subset``).
+    Nested: the subset for N is the one for N - 1 plus one frame."""
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, sample_index])))
+    return reference_subset(rng, stored, stored)[:n]
 
 
 def interval(values) -> dict:
@@ -332,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="a dataset folder written by `python -m pipeline render`, or its URL "
                                                  "(http(s)://, or s3://, gs://, ... with fsspec)")
     p.add_argument("--split", default="test", help="split to evaluate (default: test)")
-    p.add_argument("--out", default=None, help="output folder (default: <checkpoint folder>/eval-<split>)")
+    p.add_argument("--out", default=None, help="output folder (default: <checkpoint folder>/eval-<split>; "
+                   "runs/shipped/eval-<split> under the current directory for the bundled model)")
     p.add_argument("--frames", default=None,
                    help="comma-separated burst lengths, e.g. 1,2,4,8 (default: 1..min(8, stored frames))")
     p.add_argument("--seed", type=int, default=0, help="seed of the frame subsets (default: 0)")
@@ -358,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("--frames is empty")
     from trainer.model import default_checkpoint
 
+    if args.checkpoint is None and args.out is None:  # not beside the bundled model (git's models/, site-packages)
+        args.out = str(SHIPPED_OUT / f"eval-{args.split}")
     args.checkpoint = default_checkpoint(args.checkpoint)
     summary = evaluate(args.checkpoint, args.data, args.split, args.out, frames, args.seed, args.device,
                        args.batch, args.examples, progress=not args.quiet)

@@ -39,6 +39,12 @@ from trainer.checkpoint import INFERENCE_KEYS, CheckpointError, load_checkpoint
 from trainer.fba import fba
 
 
+BASES = ("mean", "select", "select_fba")
+# the FBA candidate's starting logit: beside N frames at zero logits its weight is
+# e^-2 / (N + e^-2): 6% of the base at N = 2, 2% at N = 8
+FBA_LOGIT_INIT = -2.0
+
+
 @dataclass
 class ModelConfig:
     """The [model] section of a train config."""
@@ -72,6 +78,11 @@ class ModelConfig:
     #   sharp frame's pixels as they are instead of rebuilding them from the mean); still
     #   invariant to the order of the frames. The logits start at zero: at init "select" is "mean",
     #   and a "mean" checkpoint loads into it unchanged (train.init). Old checkpoints load as "mean".
+    # "select_fba": "select" with one more candidate in the softmax, the burst's Fourier Burst
+    #   Accumulation (computed as for the guide; its logit from the max over the frames' last
+    #   features), so that where FBA is right (registered frames, one of them nearly sharp) the net
+    #   can take it as it is. Its logit starts at FBA_LOGIT_INIT: a "select" or "mean" checkpoint
+    #   grows into it (train.init) computing nearly what it did (with one frame FBA is that frame).
     base: str = "mean"
 
     def validate(self) -> None:
@@ -85,7 +96,12 @@ class ModelConfig:
         check(self.geometry in ("mean", "reference"),
               f"model.geometry must be 'mean' or 'reference', got '{self.geometry}'")
         check(self.guide in ("none", "fba"), f"model.guide must be 'none' or 'fba', got '{self.guide}'")
-        check(self.base in ("mean", "select"), f"model.base must be 'mean' or 'select', got '{self.base}'")
+        check(self.base in BASES, f"model.base must be one of {', '.join(BASES)}, got '{self.base}'")
+
+    @property
+    def uses_fba(self) -> bool:
+        """True when forward needs the FBA of the burst (the guide input or the FBA candidate)."""
+        return self.guide == "fba" or self.base == "select_fba"
 
     @property
     def multiple(self) -> int:
@@ -256,11 +272,16 @@ class BurstDeblurNet(nn.Module):
         self.head = nn.Sequential(conv3x3(dec[0], dec[0]), nn.ELU(inplace=True), conv3x3(dec[0], 3, gain=0.1))
         with torch.no_grad():
             self.head[-1].bias.zero_()
-        if cfg.base == "select":  # per-frame logits of the base's weights; zero: the mean at init
+        if cfg.base in ("select", "select_fba"):  # per-frame logits of the base's weights; zero: the mean at init
             self.select = nn.Conv2d(dec[0], 1, 3, padding=1)
             with torch.no_grad():
                 self.select.weight.zero_()
                 self.select.bias.zero_()
+        if cfg.base == "select_fba":  # FBA's logit, from the max over the frames' last features
+            self.select_fba = nn.Conv2d(dec[0], 1, 3, padding=1)
+            with torch.no_grad():
+                self.select_fba.weight.zero_()
+                self.select_fba.bias.fill_(FBA_LOGIT_INIT)
 
     @property
     def channels_last(self) -> bool:
@@ -288,13 +309,13 @@ class BurstDeblurNet(nn.Module):
         # the shipped model's recipe, switched its correction off within 250 steps (output = FBA
         # for good; also with the head's gain frozen; docs/benchmarks.md).
         mean = burst.mean(dim=1)
-        if self.cfg.guide == "fba":
+        if self.cfg.uses_fba:
             if guide is None:
                 guide = fba(burst)
             elif guide.shape != (burst.shape[0], 3, h, w):
                 raise ValueError(f"guide must be (B, 3, H, W) = {(burst.shape[0], 3, h, w)}, got {tuple(guide.shape)}")
-            guide = guide.to(burst.dtype).unsqueeze(1).expand(-1, n, -1, -1, -1)
-            burst = torch.cat([burst, guide], dim=2)  # (B, N, 6, H, W)
+        if self.cfg.guide == "fba":
+            burst = torch.cat([burst, guide.to(burst.dtype).unsqueeze(1).expand(-1, n, -1, -1, -1)], dim=2)  # (B, N, 6, H, W)
 
         # replicate (not reflect) padding also works for images smaller than the padding
         p = self.cfg.multiple
@@ -316,13 +337,18 @@ class BurstDeblurNet(nn.Module):
         for decoder, skip in zip(self.decoders, reversed(skips[:-1])):
             x = F.interpolate(x, scale_factor=2, mode="nearest")
             x = decoder(torch.cat([x, skip], dim=1), n)
-        if self.cfg.base == "select":  # softmax over the frames, in float32 also under autocast
+        pooled = frame_max(x, n)
+        if self.cfg.base in ("select", "select_fba"):  # softmax over the frames, in float32 also under autocast
             exact = torch.promote_types(mean.dtype, torch.float32)
             logits = self.select(x)[..., :h, :w].to(exact).unflatten(0, (-1, n))  # (B, N, 1, H, W)
-            base = (torch.softmax(logits, dim=1) * burst[:, :, :3].to(exact)).sum(dim=1).to(mean.dtype)
+            candidates = burst[:, :, :3].to(exact)
+            if self.cfg.base == "select_fba":  # FBA is candidate N + 1
+                logits = torch.cat([logits, self.select_fba(pooled)[..., :h, :w].to(exact).unsqueeze(1)], dim=1)
+                candidates = torch.cat([candidates, guide.to(exact).unsqueeze(1)], dim=1)
+            base = (torch.softmax(logits, dim=1) * candidates).sum(dim=1).to(mean.dtype)
         else:
             base = mean
-        x = self.head(frame_max(x, n))
+        x = self.head(pooled)
         return base + x[..., :h, :w]
 
 

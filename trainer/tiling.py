@@ -57,7 +57,7 @@ def _measure_radius(model_cfg, build_model) -> int:
         x = torch.rand(1, 2, 3, size, size, generator=gen, requires_grad=True)
         c = size // 2 - size // 2 % m
         # a guided model gets its guide given: computed inside, FBA would make the field global
-        guide = x.detach().mean(dim=1) if probe_cfg.guide == "fba" else None
+        guide = x.detach().mean(dim=1) if probe_cfg.uses_fba else None
         with torch.enable_grad():  # callers may be under no_grad
             probe(x, guide)[..., c : c + m, c : c + m].sum().backward()
         support = (x.grad.abs().sum(dim=(0, 1, 2)) > 0).nonzero()
@@ -126,7 +126,7 @@ def run_tiled(model: torch.nn.Module, frames: Sequence[np.ndarray], tile: int = 
     compile: run ``torch.compile(model)`` (needs a C++ compiler on CPU; costs ~30 s once per tile
     shape on a 2-core CPU, saves half the model time or more there: docs/benchmarks.md; fp32
     output equal to the eager one up to float rounding). Runs under inference_mode.
-    A model with ``guide = "fba"`` gets the FBA of the whole burst (computed once, frame by frame,
+    A model that uses FBA (``guide = "fba"`` or ``base = "select_fba"``) gets the FBA of the whole burst (computed once, frame by frame,
     on ``device``), cut like the frames, so tiles see the estimate an untiled pass would.
     Returns float32 (H, W, 3) in [0, 1].
     """
@@ -138,7 +138,7 @@ def run_tiled(model: torch.nn.Module, frames: Sequence[np.ndarray], tile: int = 
     forward = _compiled(model) if compile else model
     with torch.inference_mode():
         guide = None
-        if cfg is not None and getattr(cfg, "guide", "none") == "fba":
+        if cfg is not None and getattr(cfg, "uses_fba", False):
             guide = fba_frames(frames, device)[0].permute(1, 2, 0).cpu().numpy()  # float32 (H, W, 3)
         return _run_tiles(forward, frames, tile, overlap, torch.device(device), batch, precision, progress,
                           cfg.multiple if cfg is not None else 1, guide)

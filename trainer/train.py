@@ -461,27 +461,32 @@ def make_run(cfg: TrainConfig, out_dir: Path, manifest: Mapping, device: torch.d
                log=log)
 
 
+# (base of the train.init file, base of the config) pairs a fine-tune may grow: the new heads are
+# added at their init (trainer/model.py)
+GROWS = {("mean", "select"), ("mean", "select_fba"), ("select", "select_fba")}
+
+
 def initial_weights(cfg: TrainConfig) -> dict | None:
     """The state dict of ``train.init`` (None when it is empty), checked before any work: the file
     loads as a model (``trainer.model.load``: weights_only) and its [model] equals ``cfg.model``,
-    but for a "mean" base that ``cfg.model`` grows into "select" (the head's zero init added)."""
+    but for a base that ``cfg.model`` grows (GROWS: the new heads at their init added)."""
     if not cfg.train.init:
         return None
     path = Path(cfg.train.init)
     if not path.is_file():
         raise FileNotFoundError(f"train.init: {path} does not exist")
     model = load_model(path)  # CheckpointError (one line) for a file that is not a model
-    # the one change a fine-tune may make: a "mean" base grows the "select" head (zero logits:
-    # the grown model computes exactly what the file's does)
-    grows = model.cfg.base == "mean" and cfg.model.base == "select"
+    # the one change a fine-tune may make: a base grows a selecting head (zero logits: the grown
+    # model computes exactly what the file's does) or the FBA candidate (nearly: FBA_LOGIT_INIT)
+    grows = (model.cfg.base, cfg.model.base) in GROWS
     if dataclasses.replace(model.cfg, base=cfg.model.base if grows else model.cfg.base) != cfg.model:
         raise ConfigError(f"train.init: the [model] of {path} ({to_dict(model.cfg)}) differs from this "
                           f"config's ({to_dict(cfg.model)}); a fine-tune keeps the model it starts from "
-                          "(or grows a 'mean' base into 'select')")
+                          "(or grows its base: 'mean' into 'select' or 'select_fba', 'select' into 'select_fba')")
     state = model.state_dict()
     if grows:
         with torch.random.fork_rng(devices=[]):
-            state = {**build_model(cfg.model).state_dict(), **state}  # the select head at its zero init
+            state = {**build_model(cfg.model).state_dict(), **state}  # the new heads at their init
     return state
 
 
@@ -498,7 +503,28 @@ def build_training(run: Run, init: dict | None = None) -> tuple[torch.nn.Module,
     if run.channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer_cls = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam}[t.optimizer]
-    return model, optimizer_cls(model.parameters(), lr=t.lr)
+    trained = trainable_parameters(model, t.trainable)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in trained)
+    return model, optimizer_cls([p for name, p in model.named_parameters() if name in trained], lr=t.lr)
+
+
+def trainable_parameters(model: torch.nn.Module, prefixes: list[str]) -> set[str]:
+    """Names of the parameters ``train.trainable`` selects: all for [], else those equal to one of
+    ``prefixes`` or under it ("head" selects "head.0.bias", not "header.x"). ConfigError when a
+    prefix selects nothing (a typo would silently train nothing)."""
+    names = [name for name, _ in model.named_parameters()]
+    if not prefixes:
+        return set(names)
+    chosen = set()
+    for prefix in prefixes:
+        hits = {name for name in names if name == prefix or name.startswith(prefix + ".")}
+        if not hits:
+            tops = sorted({name.split(".")[0] for name in names})
+            raise ConfigError(f"train.trainable: '{prefix}' names no parameter of this model "
+                              f"(its top-level modules: {', '.join(tops)})")
+        chosen |= hits
+    return chosen
 
 
 def restore(run: Run, ckpt: dict | None, model: torch.nn.Module,
@@ -552,7 +578,7 @@ def open_batches(run: Run, start_step: int) -> tuple[data_mod.TrainStream, Itera
         cfg.data.dir, cfg.data.train, steps=t.steps, batch_size=t.batch_size, seed=t.seed, crop=t.crop,
         min_frames=t.min_frames, max_frames=t.max_frames, shuffle_buffer=t.shuffle_buffer,
         num_workers=t.num_workers, rank=run.rank, world_size=run.world, start_step=start_step,
-        on_bad_shard=t.on_bad_shard, geometry=cfg.model.geometry, guide=cfg.model.guide == "fba")
+        on_bad_shard=t.on_bad_shard, geometry=cfg.model.geometry, guide=cfg.model.uses_fba)
     return stream, data_mod.train_loader(stream, pin_memory=run.device.type == "cuda")
 
 
@@ -763,6 +789,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, log=print
     elif (out_dir / "last.pt").exists():
         raise FileExistsError(f"{out_dir} already holds a run (last.pt); pass --resume to continue it, or choose another --out")
     init = initial_weights(cfg) if ckpt is None else None  # a resumed run has its own weights
+    with torch.random.fork_rng(devices=[]):  # a bad train.trainable fails here, before any work
+        trainable_parameters(build_model(cfg.model), t.trainable)
 
     threads = torch.get_num_threads()
     if t.threads:
@@ -788,8 +816,10 @@ def _train(run: Run, ckpt: dict | None, init: dict | None = None) -> dict:
     stream, batches = open_batches(run, start_step)
     val, baseline, writer = open_validation(run, ckpt is not None, start_step)
     n_params = sum(p.numel() for p in model.parameters())
+    n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     run.say(f"{'resuming at' if ckpt else 'training from'} step {start_step}/{t.steps} on {run.device.type}"
-            f"{f' × {run.world} ranks' if run.world > 1 else ''}: {n_params / 1e6:.2f}M parameters, batch "
+            f"{f' × {run.world} ranks' if run.world > 1 else ''}: {n_params / 1e6:.2f}M parameters"
+            f"{f' ({n_trained} trained: train.trainable)' if n_trained < n_params else ''}, batch "
             f"{t.batch_size}{' per rank' if run.world > 1 else ''}, crop {t.crop}, {t.min_frames}..{t.max_frames} "
             f"frames, {'bf16' if run.bf16 else 'fp32'}; data {run.cfg.data.dir} ({stream.note}); run {run.out_dir}")
     run.say("validation PSNR of the mean of the frames: "
@@ -809,7 +839,7 @@ def _train(run: Run, ckpt: dict | None, init: dict | None = None) -> dict:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             burst, target = to_device(batch, run.device, run.channels_last)
-            guide = batch.get("guide")  # model.guide = "fba": the FBA of each burst's whole stored window
+            guide = batch.get("guide")  # model.uses_fba: the FBA of each burst's whole stored window
             if guide is not None:
                 guide = guide.to(run.device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
             with run.autocast():
