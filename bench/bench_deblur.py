@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--megapixels", type=float, default=1.0, help="image size, 4:3 (default: 1)")
     p.add_argument("--frames", type=int, default=4, help="frames in the burst (default: 4)")
     p.add_argument("--widths", default="16,64",
-                   help="model widths; 64 = the paper-size model; 'none' = alignment only (default: 16,64)")
+                   help="model widths (random weights; 64 = the paper-size model), 'shipped' or checkpoint paths "
+                        "(*.pt); 'none' = alignment only (default: 16,64)")
     p.add_argument("--tile", type=int, default=512)
     p.add_argument("--batch", type=int, default=0, help="tiles per pass (default: 2 on CUDA, 1 on CPU)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
@@ -214,8 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     widths = [] if args.widths == "none" else args.widths.split(",")
     for width in widths:
-        if width == "shipped":
-            model = load(SHIPPED, device)
+        if width == "shipped" or width.endswith(".pt"):
+            model = load(SHIPPED if width == "shipped" else width, device)
             cfg = model.cfg
         else:
             cfg = ModelConfig(width=int(width))
@@ -242,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         model_s = time.perf_counter() - t0
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
         total = align_s + model_s
-        rows.append(f"{str(width):>5} {params:>7.2f}M {overlap:>7} {tiles:>5} {align_s:>8.2f} {model_s:>8.2f} {total:>8.2f} "
+        label = Path(width).stem if width.endswith(".pt") else str(width)
+        rows.append(f"{label:>5} {params:>7.2f}M {overlap:>7} {tiles:>5} {align_s:>8.2f} {model_s:>8.2f} {total:>8.2f} "
                     f"{model_s / mp / args.frames:>13.3f} {total / mp / args.frames:>13.3f} {peak:>11.2f} {peak_rss_gb():>12.2f}")
         print(rows[-1] if len(rows) > 1 else header + "\n" + rows[-1], flush=True)
     return 0

@@ -20,7 +20,8 @@ With ``--lengths 1,2,4`` it also trains the `make all` default for 1x, 2x and 4x
 run would end with; with the default cosine decay a run per length) and scores each, the
 "quality vs training length" table. With ``--recipe NAME=KEY=V,KEY=V`` (repeatable) it trains
 the `make all` default with those overrides, each in a fresh process whose CPU time is measured,
-and scores each: the "quality per CPU-minute" table of recipes. Datasets are rendered once into
+and scores each: the "quality per CPU-minute" table of recipes. With two or more checkpoints it
+also prints the first one minus each other one, paired over the same bursts. Datasets are rendered once into
 --data-root with the local engine and reused (same config, same bytes). Prints Markdown tables
 and writes a JSON report.
 """
@@ -28,6 +29,7 @@ and writes a JSON report.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import shutil
 import sys
@@ -95,6 +97,39 @@ def row_means(summary: dict) -> dict:
             m[f"model-{b}"] = (d["mean"], d["lo"], d["hi"])
         out[int(n)] = m
     return out
+
+
+def model_psnr(metrics_csv: Path) -> dict[tuple[str, int, str], float]:
+    """{(key, N, subset): PSNR} of the model's rows in an evaluation's metrics.csv."""
+    with open(metrics_csv, newline="") as f:
+        return {(r["key"], int(r["frames"]), r["subset"]): float(r["psnr"])
+                for r in csv.DictReader(f) if r["method"] == "model"}
+
+
+def paired_versus(first: Path, other: Path) -> dict[int, tuple]:
+    """{N: (mean, lo, hi)}: the paired PSNR difference first - other over the same bursts (the
+    metrics.csv of two evaluations of one dataset), with evaluate's 95% interval."""
+    from trainer.evaluate import interval
+
+    a, b = model_psnr(first), model_psnr(other)
+    if a.keys() != b.keys():
+        raise ValueError(f"{first} and {other} do not score the same bursts")
+    out = {}
+    for n in sorted({k[1] for k in a}):
+        d = interval([a[k] - b[k] for k in sorted(a) if k[1] == n])
+        out[n] = (d["mean"], d["lo"], d["hi"])
+    return out
+
+
+def versus_table(title: str, names: list[str], diffs: dict[str, dict[int, tuple]]) -> str:
+    """Markdown: the first checkpoint minus each other one, per N, paired over the same bursts."""
+    others = list(diffs)
+    lines = [f"**{title}** (PSNR dB; {names[0]} - other: paired mean [95% interval])", "",
+             "| N | " + " | ".join(f"{names[0]} - {o}" for o in others) + " |",
+             "|---" * (1 + len(others)) + "|"]
+    for n in sorted(diffs[others[0]]):
+        lines.append(f"| {n} | " + " | ".join("{:+.2f} [{:+.2f}, {:+.2f}]".format(*diffs[o][n]) for o in others) + " |")
+    return "\n".join(lines)
 
 
 def table(title: str, results: dict[str, dict]) -> str:
@@ -260,6 +295,12 @@ def main(argv: list[str] | None = None) -> int:
                                                 for k, s in results.items()}}
         text = table(f"{variant}: {' '.join(VARIANTS[variant]) or 'the default imaging model'}", results)
         print(text + "\n", flush=True)
+        names = list(checkpoints)
+        if len(names) > 1:
+            diffs = {o: paired_versus(out / names[0] / variant / "metrics.csv", out / o / variant / "metrics.csv")
+                     for o in names[1:]}
+            report["variants"][variant]["versus"] = {o: {str(n): v for n, v in d.items()} for o, d in diffs.items()}
+            print(versus_table(f"{variant}: {names[0]} against the others", names, diffs) + "\n", flush=True)
         if trained:
             print(recipe_table(trained, results, variant) + "\n", flush=True)
             report["recipes"] = {k: {"cpu_s": r["cpu_s"], "wall_s": r["wall_s"], "overrides": r["overrides"]}
