@@ -288,3 +288,14 @@ def test_16_bit_grey_and_colour_follow_one_policy(tmp_path):
     np.testing.assert_array_equal(b, np.repeat((rgb16[..., :1] >> 8).astype(np.uint8), 3, axis=2))
     assert len(notes) == 2 and all("16-bit samples: reduced to 8 bits" in n for n in notes)
     np.testing.assert_array_equal(load_photo(str(colour)), a)  # the pipeline reads it the same way
+
+
+def test_save_image_writes_the_quantized_pixels_exactly(tmp_path):
+    """The fast PNG setting changes the file's compression, never its pixels."""
+    from trainer.deblur import save_image
+
+    image = np.random.default_rng(0).random((37, 53, 3)).astype(np.float32)
+    save_image(image, tmp_path / "o.png")
+    expected = np.clip(np.rint(image.astype(np.float64) * 255), 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "o.png")), expected)
+    assert [p.name for p in tmp_path.iterdir()] == ["o.png"]  # no temporary file left behind

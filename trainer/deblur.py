@@ -261,7 +261,9 @@ def save_image(image: np.ndarray, path: str | Path) -> None:
         raise FileNotFoundError(f"--out {path}: folder {path.parent} does not exist")
     pixels = np.clip(np.rint(np.asarray(image, np.float64) * 255), 0, 255).astype(np.uint8)
     with atomic_path(path) as tmp:
-        kwargs = {"quality": 95} if fmt == "JPEG" else {}
+        # PNG at zlib level 1: the same pixels, 5x faster to write than Pillow's default level 6
+        # for a 12 MP image (1.1 s against 5.7 s, ~18% larger; docs/benchmarks.md)
+        kwargs = {"JPEG": {"quality": 95}, "PNG": {"compress_level": 1}}.get(fmt, {})
         Image.fromarray(pixels, "RGB").save(tmp, format=fmt, **kwargs)
 
 
