@@ -71,6 +71,7 @@ EXAMPLE_FRAMES = 3  # input frames shown per example row
 # where `evaluate` without --checkpoint and --out writes (relative to the current directory)
 SHIPPED_OUT = Path("runs") / "shipped"
 
+
 def frame_subset(seed: int, sample_index: int, n: int, stored: int) -> np.ndarray:
     """The N stored-frame indices (int64, in the order used) that every method sees for a sample:
     the first N of the sample's frame order, which starts with the reference frame 0 and goes on
