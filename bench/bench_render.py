@@ -40,7 +40,7 @@ from pipeline import imaging, kernels, render, shards, sources  # noqa: E402
 from pipeline.format import encode_sample  # noqa: E402
 from common.config import to_toml  # noqa: E402
 from pipeline.config import ShardConfig, from_dict, validate  # noqa: E402
-from pipeline.run import render_dataset, start_ray  # noqa: E402
+from pipeline.run import render_dataset, start_ray, stop_ray  # noqa: E402
 
 
 def bench_tables(samples: int, source: str) -> dict[str, dict]:
@@ -246,7 +246,7 @@ def main() -> None:
                 render_dataset(cfg, Path(tmp) / "d", workers=workers, engine=engine, progress=False)
                 dt = time.perf_counter() - t0
             if engine == "ray":
-                ray.shutdown()
+                stop_ray(ray)
             r = args.samples / dt
             base = base or r
             started = f"{ray_start:13.1f}" if ray_start is not None else f"{'-':>13}"

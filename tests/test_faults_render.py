@@ -304,6 +304,38 @@ def test_a_failed_shard_leaves_no_temporary_file(tmp_path, monkeypatch):
     assert not temporary_files(tmp_path) and not (tmp_path / "x.json").exists()
 
 
+
+def test_a_write_error_on_the_tar_thread_fails_the_shard_and_frees_its_space(tmp_path, monkeypatch):
+    """The tar is written by its own thread (shards.TarThread): an error there (a full disk in
+    write(), or in the fsync that ends the tar) is raised by write_shard, and nothing is left."""
+    cfg = tiny_config(*SMALL)
+    chash, version = config_hash(cfg), code_version()
+    prepare_dir(cfg, tmp_path, chash, version, False)
+    srcs = {s: list_source(sc.source, cfg.canvas) for s, sc in cfg.splits.items()}
+    job = plan_jobs(cfg, tmp_path, chash, version, srcs)[0]
+    writes = []
+    real_write = shards.HashingWriter.write
+
+    def full_disk(self, data):
+        writes.append(len(data))
+        if len(writes) == 4:  # the second member of the first sample
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, data)
+
+    monkeypatch.setattr(shards.HashingWriter, "write", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        shards.write_shard(job)
+    assert writes and not temporary_files(tmp_path) and not (tmp_path / job.file).exists()
+    monkeypatch.undo()
+
+    def no_fsync(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shards.os, "fsync", no_fsync)
+    with pytest.raises(OSError, match="No space"):
+        shards.write_shard(job)
+    assert not temporary_files(tmp_path) and not (tmp_path / job.file).exists()
+
 # ----------------------------------------------------------------------------- the Ray engine
 
 # a CLI render on a local Ray instance of one worker, held at its first shard (PIPELINE_HOLD) until

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -19,9 +20,11 @@ import zarr
 from PIL import Image
 
 from pipeline.config import config_hash
+from pipeline.format import encode_sample
 from pipeline.inspect import contact_sheet, read_sample, summary, typical_index, verify
 from pipeline.render import render_sample
 from pipeline.run import RenderError, render_dataset
+from pipeline.shards import add_member
 from tests.conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,6 +83,17 @@ def test_tar_command_lists_deterministic_headers_and_extracts(tiny_shards, tmp_p
     burst = np.load(tmp_path / "val-000000-000002.burst.npy", allow_pickle=False)
     np.testing.assert_array_equal(burst, read_sample(tiny_shards, "val-000000-000002")["burst"])
 
+
+
+def test_a_shard_is_the_tar_of_its_samples_written_in_order(tiny_shards):
+    """write_shard's tar (written on its own thread, shards.TarThread) is byte for byte the tar
+    that one thread writes from the same samples, member after member, with add_member."""
+    cfg, buf = tiny_config(), io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for index in range(4, 8):  # train-000001.tar
+            for name, data in encode_sample(render_sample(cfg, "train", index)):
+                add_member(tar, name, data)
+    assert (tiny_shards / "train-000001.tar").read_bytes() == buf.getvalue()
 
 def test_kernels_zarr_rows_match_the_samples(tiny_shards):
     root = zarr.open_group(str(tiny_shards / "kernels.zarr"), mode="r")
