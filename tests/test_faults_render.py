@@ -275,12 +275,17 @@ def test_finished_dataset_holds_no_temporary_files(tiny_shards, tmp_path, monkey
     assert not temporary_files(tmp_path / "e") and verify(tmp_path / "e") is None
 
 
-def test_a_failed_shard_leaves_no_temporary_file(tmp_path, monkeypatch):
+def first_job(folder: Path) -> shards.ShardJob:
+    """The first shard's job of the SMALL tiny config, its folder prepared as the driver does."""
     cfg = tiny_config(*SMALL)
     chash, version = config_hash(cfg), code_version()
-    prepare_dir(cfg, tmp_path, chash, version, False)
+    prepare_dir(cfg, folder, chash, version, False)
     srcs = {s: list_source(sc.source, cfg.canvas) for s, sc in cfg.splits.items()}
-    job = plan_jobs(cfg, tmp_path, chash, version, srcs)[0]
+    return plan_jobs(cfg, folder, chash, version, srcs)[0]
+
+
+def test_a_failed_shard_leaves_no_temporary_file(tmp_path, monkeypatch):
+    job = first_job(tmp_path)
     calls = []
     real = shards.render.render_sample
 
@@ -304,15 +309,10 @@ def test_a_failed_shard_leaves_no_temporary_file(tmp_path, monkeypatch):
     assert not temporary_files(tmp_path) and not (tmp_path / "x.json").exists()
 
 
-
 def test_a_write_error_on_the_tar_thread_fails_the_shard_and_frees_its_space(tmp_path, monkeypatch):
     """The tar is written by its own thread (shards.TarThread): an error there (a full disk in
     write(), or in the fsync that ends the tar) is raised by write_shard, and nothing is left."""
-    cfg = tiny_config(*SMALL)
-    chash, version = config_hash(cfg), code_version()
-    prepare_dir(cfg, tmp_path, chash, version, False)
-    srcs = {s: list_source(sc.source, cfg.canvas) for s, sc in cfg.splits.items()}
-    job = plan_jobs(cfg, tmp_path, chash, version, srcs)[0]
+    job = first_job(tmp_path)
     writes = []
     real_write = shards.HashingWriter.write
 
