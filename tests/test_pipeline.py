@@ -24,7 +24,7 @@ from pipeline.format import encode_sample
 from pipeline.inspect import contact_sheet, read_sample, summary, typical_index, verify
 from pipeline.render import render_sample
 from pipeline.run import RenderError, render_dataset
-from pipeline.shards import add_member
+from pipeline.shards import HashingWriter, TarThread, add_member
 from tests.conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,6 +94,22 @@ def test_a_shard_is_the_tar_of_its_samples_written_in_order(tiny_shards):
             for name, data in encode_sample(render_sample(cfg, "train", index)):
                 add_member(tar, name, data)
     assert (tiny_shards / "train-000001.tar").read_bytes() == buf.getvalue()
+
+
+def test_the_tar_thread_syncs_as_it_goes_without_changing_the_bytes(tiny_shards, tmp_path, monkeypatch):
+    """With sync_bytes=1 the thread syncs the file's data after every sample; the tar it writes
+    is still the shard's, byte for byte, and is complete when finish() returns."""
+    synced = []
+    real = HashingWriter.sync_data
+    monkeypatch.setattr(HashingWriter, "sync_data", lambda self: (synced.append(self.size), real(self)))
+    cfg, path = tiny_config(), tmp_path / "t.tar"
+    writer = TarThread(path, sync_bytes=1)
+    for index in range(4, 8):
+        writer.put(render_sample(cfg, "train", index))
+    writer.finish()
+    assert len(synced) == 4 and synced == sorted(synced) and synced[-1] <= path.stat().st_size
+    assert path.read_bytes() == (tiny_shards / "train-000001.tar").read_bytes()
+
 
 def test_kernels_zarr_rows_match_the_samples(tiny_shards):
     root = zarr.open_group(str(tiny_shards / "kernels.zarr"), mode="r")
