@@ -1,7 +1,7 @@
 """Rendering speed: bursts/s per core for 160×160, 8 frames, 51×51 kernels, encoding and writing
 included, with 1 and 2 workers, against a straightforward generator run in the same invocation.
 
-    .venv/bin/python bench/bench_render.py [--samples 1024] [--source deadleaves] [--json out.json]
+    .venv/bin/python bench/bench_render.py [--samples 1024] [--rounds 3] [--source deadleaves] [--json out.json]
 
 Tables 1-3 run with glibc's allocator tuned as a render worker tunes it
 (``pipeline.shards.tune_allocator``), the straightforward generator included. Prints four
@@ -194,9 +194,13 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=1024, help="bursts per whole run (default 1024)")
     ap.add_argument("--source", default="deadleaves", help="deadleaves | samples | dir:/path")
     ap.add_argument("--engines", default="local,ray", help="engines of table 3 (default local,ray)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="interleaved rounds of table 4, generator and command lines (default 3)")
     ap.add_argument("--json", help="write the figures here")
     ap.add_argument("--plain-alone", choices=("default", "tuned"), help=argparse.SUPPRESS)  # internal
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error(f"--rounds must be >= 1, got {args.rounds}")
     cfg = bench_config(args.samples, args.source)
     src = sources.list_source(args.source, cfg.canvas)
     plain = functools.partial(plain_burst, cfg=cfg, src=src)
@@ -255,25 +259,41 @@ def main() -> None:
                                     "per_core": r / workers, "speedup": r / base, "ray_start_s": ray_start})
 
     print(f"\n(4) the command line, start-up included: python -m pipeline render --workers 1, against the"
-          " straightforward generator run alone in a fresh process (before and after, averaged), with"
-          " glibc's allocator as it comes and tuned as the render workers tune it")
-    before = {mode: plain_alone(args, mode) for mode in ("default", "tuned")}
-    rows = []
+          " straightforward generator run alone in a fresh process (before and after each round, averaged),"
+          " with glibc's allocator as it comes and tuned as the render workers tune it;"
+          f" {args.rounds} interleaved round(s), the ratios of each round against its own generator")
+    engines = args.engines.split(",")
+    rounds = []  # per round: {"straightforward": {mode: bursts/s}, "runs": {engine: seconds}}
     with tempfile.TemporaryDirectory() as tmp:
-        for engine in args.engines.split(","):
-            fixed = min(time_cli(1, args.source, engine, Path(tmp)) for _ in range(2))
-            rows.append((engine, fixed, time_cli(args.samples, args.source, engine, Path(tmp))))
-    gen = {mode: (rate_before + plain_alone(args, mode)) / 2 for mode, rate_before in before.items()}
-    for mode, r in gen.items():
-        print(f"  straightforward generator, allocator {mode:<8}{r:8.1f} bursts/s")
-    print(f"  {'engine':<8}{'1 burst s':>10}{f'{args.samples} bursts s':>16}{'bursts/s':>10}"
-          f"{'vs generator':>14}{'vs tuned one':>14}")
-    results["cli"] = {"straightforward": gen, "runs": []}
-    for engine, fixed, whole in rows:
-        r = args.samples / whole
-        print(f"  {engine:<8}{fixed:>10.2f}{whole:>16.2f}{r:>10.1f}{r / gen['default']:>13.2f}x{r / gen['tuned']:>13.2f}x")
-        results["cli"]["runs"].append({"engine": engine, "fixed_s": fixed, "seconds": whole, "bursts_per_s": r,
-                                       "vs_straightforward": r / gen["default"], "vs_tuned": r / gen["tuned"]})
+        fixed = {engine: min(time_cli(1, args.source, engine, Path(tmp)) for _ in range(2)) for engine in engines}
+        gen_before = {mode: plain_alone(args, mode) for mode in ("default", "tuned")}
+        for _ in range(args.rounds):
+            whole = {engine: time_cli(args.samples, args.source, engine, Path(tmp)) for engine in engines}
+            gen_after = {mode: plain_alone(args, mode) for mode in ("default", "tuned")}
+            rounds.append({"straightforward": {m: (gen_before[m] + gen_after[m]) / 2 for m in gen_before},
+                           "runs": whole})
+            gen_before = gen_after
+    print(f"  {'round':<6}{'engine':<8}{'1 burst s':>10}{f'{args.samples} bursts s':>16}{'bursts/s':>10}"
+          f"{'generator':>11}{'vs generator':>14}{'vs tuned one':>14}")
+    results["cli"] = {"rounds": [], "fixed_s": fixed}
+    for i, rnd in enumerate(rounds, start=1):
+        gen = rnd["straightforward"]
+        runs = []
+        for engine, seconds in rnd["runs"].items():
+            r = args.samples / seconds
+            print(f"  {i:<6}{engine:<8}{fixed[engine]:>10.2f}{seconds:>16.2f}{r:>10.1f}{gen['default']:>11.1f}"
+                  f"{r / gen['default']:>13.2f}x{r / gen['tuned']:>13.2f}x")
+            runs.append({"engine": engine, "seconds": seconds, "bursts_per_s": r,
+                         "vs_straightforward": r / gen["default"], "vs_tuned": r / gen["tuned"]})
+        results["cli"]["rounds"].append({"straightforward": gen, "runs": runs})
+    results["cli"]["median_vs_straightforward"] = {}
+    for engine in engines:
+        ratios = sorted(run["vs_straightforward"] for rnd in results["cli"]["rounds"] for run in rnd["runs"]
+                        if run["engine"] == engine)
+        median = float(np.median(ratios))
+        results["cli"]["median_vs_straightforward"][engine] = median
+        print(f"  {engine}: median {median:.2f}x the generator over {len(ratios)} round(s)"
+              f" (range {ratios[0]:.2f}x-{ratios[-1]:.2f}x)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 
