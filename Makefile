@@ -23,7 +23,7 @@ help:
 	@echo "make test     run the test suite"
 	@echo "make bench    run the benchmarks in bench/"
 	@echo "make quality  the quality benchmark: shipped and make-all models vs FBA on real photos"
-	@echo "make pretrained  reproduce the shipped model models/burst-deblur.pt (three stages, ~2 h on a CPU)"
+	@echo "make pretrained  reproduce the shipped model models/burst-deblur.pt (four stages, ~2 h on a CPU)"
 	@echo "make gpu-session  one timed GPU session (render, train benchmark, deblur timing, training) into $(GPU_OUT)"
 
 setup: $(STAMP)
@@ -73,9 +73,10 @@ quality: $(STAMP)
 	$(BIN)/python bench/quality.py --checkpoint shipped=models/burst-deblur.pt \
 		$(if $(wildcard $(RUN)/best.pt),--checkpoint make-all=$(RUN)/best.pt) --workers $(WORKERS)
 
-# The shipped model, in three stages (each resumes): train a "mean" base on shards/pretrained,
+# The shipped model, in four stages (each resumes): train a "mean" base on shards/pretrained,
 # grow it into a "select" base and fine-tune on shards/finetune, then grow that into
-# "select_fba" and train only the FBA candidate's logit (same data); export weights + config.
+# "select_fba" and train only the FBA candidate's logit (same data), then give that logit the
+# misalignment cue and train only the two (same data); export weights + config.
 pretrained: $(STAMP)
 	$(BIN)/python -m pipeline render --config configs/shards/pretrained.toml --out shards/pretrained \
 		--workers $(WORKERS) --engine $(ENGINE)
@@ -87,7 +88,9 @@ pretrained: $(STAMP)
 		--out runs/pretrained-ft $(if $(wildcard runs/pretrained-ft/last.pt),--resume)
 	$(BIN)/python -m trainer train --config configs/train/fba_head.toml --data shards/finetune \
 		--out runs/pretrained-fba $(if $(wildcard runs/pretrained-fba/last.pt),--resume)
-	$(BIN)/python -m trainer export --checkpoint runs/pretrained-fba/best.pt --out models/burst-deblur.pt
+	$(BIN)/python -m trainer train --config configs/train/fba_cue.toml --data shards/finetune \
+		--out runs/pretrained-cue $(if $(wildcard runs/pretrained-cue/last.pt),--resume)
+	$(BIN)/python -m trainer export --checkpoint runs/pretrained-cue/best.pt --out models/burst-deblur.pt
 
 # One GPU session inside GPU_BUDGET seconds (bench/gpu_session.py; docs/benchmarks.md, GPU section).
 # GPU_ARGS=--tiny runs it at tiny size on a CPU in about a minute.

@@ -2,6 +2,7 @@
 
 import copy
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -204,6 +205,39 @@ def test_select_fba_base_weighs_fba_as_one_more_candidate():
         torch.testing.assert_close(model(burst), fba(burst), rtol=0, atol=1e-12)
         torch.testing.assert_close(model(burst, guide), guide, rtol=0, atol=1e-12)
     assert model.stem.parametrizations.weight.original1.shape[1] == 3  # FBA is no input channel here
+
+
+def test_fba_cue_grows_a_select_fba_model_and_moves_fba_s_weight_with_the_shift():
+    """model.fba_cue: a "select_fba" model's weights load into it (only the cue's 1x1 conv is
+    new, at zero: the same output); it stays invariant to the frame order; a given cue is used
+    as it is; a negative weight on the cue lowers FBA's share where the frames are shifted."""
+    plain = make_model(dtype=torch.float64, base="select_fba")
+    model = make_model(dtype=torch.float64, base="select_fba", fba_cue=True)
+    missing, unexpected = model.load_state_dict(plain.state_dict(), strict=False)
+    assert set(missing) == {"select_cue.weight", "select_cue.bias"} and not unexpected
+    burst = rand_burst((2, 5, 3, 37, 50), dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(burst), plain(burst), rtol=0, atol=1e-12)
+        model.select_cue.weight.fill_(-1.0)
+        a, b = model(burst), model(burst[:, [3, 0, 4, 2, 1]])
+        assert (a - b).abs().max().item() <= 1e-10
+        assert (a - plain(burst)).abs().max().item() > 1e-4
+        model.select_fba.weight.zero_()
+        model.head[-1].parametrizations.weight.original0.zero_()
+        plain.head[-1].parametrizations.weight.original0.zero_()
+        model.select.weight.zero_()
+        plain.select.weight.zero_()
+        plain.select_fba.weight.zero_()
+        # a cue of log 1 px^2 adds 0 to FBA's logit, log 0.01 adds +4.6: FBA's share rises
+        shifted, registered = torch.zeros(2, 1, 37, 50), torch.full((2, 1, 37, 50), math.log(0.01))
+        torch.testing.assert_close(model(burst, cue=shifted.double()), plain(burst), rtol=0, atol=1e-12)
+        fba_image = fba(burst)
+        closer = (model(burst, cue=registered.double()) - fba_image).abs().mean()
+        assert closer < (plain(burst) - fba_image).abs().mean() / 2
+        with pytest.raises(ValueError, match="cue must be"):
+            model(burst, cue=shifted[:, :, :10])
+    with pytest.raises(ConfigError, match="model.fba_cue needs"):
+        ModelConfig(base="select", fba_cue=True).validate()
 
 
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])

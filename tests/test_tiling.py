@@ -138,3 +138,16 @@ def test_select_fba_base_model_tiled_equals_untiled():
         model.select_fba.bias.zero_()
     assert receptive_radius(model.cfg) == receptive_radius(ModelConfig(width=8))
     assert_tiled_equals_untiled(model, seed=4)
+
+
+def test_fba_cue_model_tiled_equals_untiled():
+    # model.fba_cue: the cue is summed over cells, so a tile would read other cells than the whole
+    # burst; the tiles get the cue of the whole burst, cut like the frames (a weight that matters)
+    model = make_model(base="select_fba", fba_cue=True)
+    with torch.no_grad():
+        model.select.weight.normal_(generator=torch.Generator().manual_seed(1))
+        model.select_fba.weight.normal_(generator=torch.Generator().manual_seed(2))
+        model.select_fba.bias.zero_()
+        model.select_cue.weight.fill_(-1.0)
+    assert receptive_radius(model.cfg) == receptive_radius(ModelConfig(width=8))
+    assert_tiled_equals_untiled(model, seed=5)

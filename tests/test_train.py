@@ -230,6 +230,14 @@ def test_init_starts_from_given_weights_and_checks_them_before_work(tiny_shards,
     trained, start_fba = weights(head_only / "last.pt"), weights(with_fba / "last.pt")
     moved = {k for k in trained if not torch.equal(trained[k], start_fba[k])}
     assert moved and moved <= {"select_fba.weight", "select_fba.bias"}
+    # ... and a "select_fba" one grows the misalignment cue of FBA's logit, at zero
+    with_cue = tmp_path / "with_cue"
+    assert run_cli(["--out", str(with_cue)] + tiny_sets(tiny_shards, steps=1, lr=1e-30) + ["--set",
+                   f"train.init={json.dumps(str(with_fba / 'last.pt'))}", "--set", "model.base=select_fba",
+                   "--set", "model.fba_cue=true"]) == 0
+    state = weights(with_cue / "last.pt")
+    assert state["select_cue.weight"].abs().max().item() < 1e-20
+    assert all(torch.allclose(state[k], v, atol=1e-6) for k, v in start_fba.items())
     capsys.readouterr()
     assert run_cli(["--out", str(tmp_path / "d")] + tiny_sets(tiny_shards, steps=1)
                    + ["--set", 'train.trainable=["head", "selekt"]']) == 2

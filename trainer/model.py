@@ -36,6 +36,7 @@ from torch.nn.utils.parametrizations import weight_norm
 from common.bundled import bundled
 from common.config import ConfigError, check, from_dict
 from trainer.checkpoint import INFERENCE_KEYS, CheckpointError, load_checkpoint
+from trainer.cue import misalignment_cue
 from trainer.fba import fba
 
 
@@ -84,6 +85,12 @@ class ModelConfig:
     #   can take it as it is. Its logit starts at FBA_LOGIT_INIT: a "select" or "mean" checkpoint
     #   grows into it (train.init) computing nearly what it did (with one frame FBA is that frame).
     base: str = "mean"
+    # For "select_fba": also give FBA's logit a misalignment cue (trainer/cue.py: the frames'
+    # local shifts against their mean, estimated from the low-passed frames), so the net can
+    # trust FBA where the frames are registered and not where they are shifted, which FBA cannot
+    # handle. Its conv starts at zero: a "select_fba" checkpoint grows into it unchanged
+    # (train.init). Old checkpoints load as false.
+    fba_cue: bool = False
 
     def validate(self) -> None:
         check(1 <= self.width <= 4096, f"model.width must be in 1..4096, got {self.width}")
@@ -97,6 +104,8 @@ class ModelConfig:
               f"model.geometry must be 'mean' or 'reference', got '{self.geometry}'")
         check(self.guide in ("none", "fba"), f"model.guide must be 'none' or 'fba', got '{self.guide}'")
         check(self.base in BASES, f"model.base must be one of {', '.join(BASES)}, got '{self.base}'")
+        check(not self.fba_cue or self.base == "select_fba",
+              f"model.fba_cue needs model.base = 'select_fba', got '{self.base}'")
 
     @property
     def uses_fba(self) -> bool:
@@ -282,6 +291,11 @@ class BurstDeblurNet(nn.Module):
             with torch.no_grad():
                 self.select_fba.weight.zero_()
                 self.select_fba.bias.fill_(FBA_LOGIT_INIT)
+        if cfg.fba_cue:  # adds to FBA's logit; zero: "select_fba" exactly at init
+            self.select_cue = nn.Conv2d(1, 1, 1)
+            with torch.no_grad():
+                self.select_cue.weight.zero_()
+                self.select_cue.bias.zero_()
 
     @property
     def channels_last(self) -> bool:
@@ -293,10 +307,11 @@ class BurstDeblurNet(nn.Module):
         """
         return is_channels_last(self.stem.parametrizations.weight.original1)
 
-    def forward(self, burst: Tensor, guide: Tensor | None = None) -> Tensor:
-        """burst float (B, N, 3, H, W) -> (B, 3, H, W). guide: for ``guide = "fba"`` models, the
-        FBA (B, 3, H, W) of the window this burst was cut from; None computes it from ``burst``.
-        Ignored by models without a guide."""
+    def forward(self, burst: Tensor, guide: Tensor | None = None, cue: Tensor | None = None) -> Tensor:
+        """burst float (B, N, 3, H, W) -> (B, 3, H, W). guide: for models that use FBA, the FBA
+        (B, 3, H, W) of the window this burst was cut from; None computes it from ``burst``.
+        cue: for ``fba_cue`` models, likewise the misalignment cue (B, 1, H, W) of that window
+        (trainer/cue.py). Each is ignored by models that do not use it."""
         if burst.dim() != 5 or burst.shape[2] != 3 or min(burst.shape) < 1:
             raise ValueError(f"burst must be (B, N, 3, H, W) with B, N, H, W >= 1, got {tuple(burst.shape)}")
         if not burst.is_floating_point():
@@ -314,6 +329,11 @@ class BurstDeblurNet(nn.Module):
                 guide = fba(burst)
             elif guide.shape != (burst.shape[0], 3, h, w):
                 raise ValueError(f"guide must be (B, 3, H, W) = {(burst.shape[0], 3, h, w)}, got {tuple(guide.shape)}")
+        if self.cfg.fba_cue:  # from the frames alone, before the guide may join them
+            if cue is None:
+                cue = misalignment_cue(burst)
+            elif cue.shape != (burst.shape[0], 1, h, w):
+                raise ValueError(f"cue must be (B, 1, H, W) = {(burst.shape[0], 1, h, w)}, got {tuple(cue.shape)}")
         if self.cfg.guide == "fba":
             burst = torch.cat([burst, guide.to(burst.dtype).unsqueeze(1).expand(-1, n, -1, -1, -1)], dim=2)  # (B, N, 6, H, W)
 
@@ -343,7 +363,10 @@ class BurstDeblurNet(nn.Module):
             logits = self.select(x)[..., :h, :w].to(exact).unflatten(0, (-1, n))  # (B, N, 1, H, W)
             candidates = burst[:, :, :3].to(exact)
             if self.cfg.base == "select_fba":  # FBA is candidate N + 1
-                logits = torch.cat([logits, self.select_fba(pooled)[..., :h, :w].to(exact).unsqueeze(1)], dim=1)
+                fba_logit = self.select_fba(pooled)[..., :h, :w].to(exact)
+                if self.cfg.fba_cue:
+                    fba_logit = fba_logit + self.select_cue(cue.to(exact)).to(exact)
+                logits = torch.cat([logits, fba_logit.unsqueeze(1)], dim=1)
                 candidates = torch.cat([candidates, guide.to(exact).unsqueeze(1)], dim=1)
             base = (torch.softmax(logits, dim=1) * candidates).sum(dim=1).to(mean.dtype)
         else:

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from common.errors import UserError
 from trainer.device import burst_to_input
+from trainer.cue import cue_frames
 from trainer.fba import fba_frames
 
 
@@ -58,8 +59,9 @@ def _measure_radius(model_cfg, build_model) -> int:
         c = size // 2 - size // 2 % m
         # a guided model gets its guide given: computed inside, FBA would make the field global
         guide = x.detach().mean(dim=1) if probe_cfg.uses_fba else None
+        cue = torch.zeros(1, 1, size, size) if probe_cfg.fba_cue else None  # given too: computed once per burst
         with torch.enable_grad():  # callers may be under no_grad
-            probe(x, guide)[..., c : c + m, c : c + m].sum().backward()
+            probe(x, guide, cue)[..., c : c + m, c : c + m].sum().backward()
         support = (x.grad.abs().sum(dim=(0, 1, 2)) > 0).nonzero()
         lo, hi = support.min(dim=0).values, support.max(dim=0).values
         if lo.min() > 0 and hi.max() < size - 1:
@@ -127,7 +129,8 @@ def run_tiled(model: torch.nn.Module, frames: Sequence[np.ndarray], tile: int = 
     shape on a 2-core CPU, saves half the model time or more there: docs/benchmarks.md; fp32
     output equal to the eager one up to float rounding). Runs under inference_mode.
     A model that uses FBA (``guide = "fba"`` or ``base = "select_fba"``) gets the FBA of the whole burst (computed once, frame by frame,
-    on ``device``), cut like the frames, so tiles see the estimate an untiled pass would.
+    on ``device``), cut like the frames, so tiles see the estimate an untiled pass would; an
+    ``fba_cue`` model likewise the misalignment cue of the whole burst (trainer/cue.py).
     Returns float32 (H, W, 3) in [0, 1].
     """
     cfg = getattr(model, "cfg", None)
@@ -137,11 +140,13 @@ def run_tiled(model: torch.nn.Module, frames: Sequence[np.ndarray], tile: int = 
         overlap = auto_overlap(cfg)  # outside inference_mode: the receptive-field probe needs autograd
     forward = _compiled(model) if compile else model
     with torch.inference_mode():
-        guide = None
+        guide = cue = None
         if cfg is not None and getattr(cfg, "uses_fba", False):
             guide = fba_frames(frames, device)[0].permute(1, 2, 0).cpu().numpy()  # float32 (H, W, 3)
+        if cfg is not None and getattr(cfg, "fba_cue", False):
+            cue = cue_frames(frames, device)[0, 0].cpu().numpy()  # float32 (H, W)
         return _run_tiles(forward, frames, tile, overlap, torch.device(device), batch, precision, progress,
-                          cfg.multiple if cfg is not None else 1, guide)
+                          cfg.multiple if cfg is not None else 1, guide, cue)
 
 
 _COMPILED: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakref.WeakKeyDictionary()
@@ -157,7 +162,8 @@ def _compiled(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _run_tiles(model, frames, tile: int, overlap: int, device: torch.device, batch: int, precision: str,
-               progress: bool, multiple: int, guide: np.ndarray | None = None) -> np.ndarray:
+               progress: bool, multiple: int, guide: np.ndarray | None = None,
+               cue: np.ndarray | None = None) -> np.ndarray:
     rows, cols = frames[0].shape[:2]
     ys = tile_starts(rows, tile, overlap, multiple)
     xs = tile_starts(cols, tile, overlap, multiple)
@@ -177,16 +183,19 @@ def _run_tiles(model, frames, tile: int, overlap: int, device: torch.device, bat
         host = np.stack([np.stack([f[y0:y1, x0:x1] for f in frames]) for y0, y1, x0, x1 in boxes])  # (B,N,h,w,3)
         try:
             x = burst_to_input(torch.from_numpy(host), device, non_blocking=True)
-            g = None
+            g = c = None
             if guide is not None:
                 g = np.stack([guide[y0:y1, x0:x1] for y0, y1, x0, x1 in boxes])  # (B, h, w, 3)
                 g = torch.from_numpy(g).to(device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
+            if cue is not None:
+                c = np.stack([cue[y0:y1, x0:x1] for y0, y1, x0, x1 in boxes])[:, None]  # (B, 1, h, w)
+                c = torch.from_numpy(c).to(device, non_blocking=True)
             with autocast:
-                out = model(x, g) if g is not None else model(x)
+                out = model(x, g, c) if c is not None else model(x, g) if g is not None else model(x)
             out = out.float().clamp_(0, 1).permute(0, 2, 3, 1).cpu().numpy()
         except torch.OutOfMemoryError:
             # The memory a tile needs grows with frames and width; rather than guess, halve the batch.
-            x = g = out = None
+            x = g = c = out = None
             torch.cuda.empty_cache()
             if len(boxes) == 1:
                 y0, y1, x0, x1 = boxes[0]
