@@ -91,13 +91,6 @@ class ModelConfig:
     # handle. Its conv starts at zero: a "select_fba" checkpoint grows into it unchanged
     # (train.init). Old checkpoints load as false.
     fba_cue: bool = False
-    # For "select_fba": after the base and the head, a small image-space net (three 3x3 convs at
-    # full resolution, once per burst) sees the output so far, the burst's FBA, the mean of the
-    # frames (and the cue) beside the pooled features, and adds a correction: a per-pixel softmax
-    # can only take each pixel from one candidate or blend them, never take one candidate's low
-    # frequencies and another's high ones. Its last conv starts at zero: a "select_fba"
-    # checkpoint grows into it unchanged (train.init). Old checkpoints load as false.
-    refine: bool = False
 
     def validate(self) -> None:
         check(1 <= self.width <= 4096, f"model.width must be in 1..4096, got {self.width}")
@@ -113,8 +106,6 @@ class ModelConfig:
         check(self.base in BASES, f"model.base must be one of {', '.join(BASES)}, got '{self.base}'")
         check(not self.fba_cue or self.base == "select_fba",
               f"model.fba_cue needs model.base = 'select_fba', got '{self.base}'")
-        check(not self.refine or self.base == "select_fba",
-              f"model.refine needs model.base = 'select_fba', got '{self.base}'")
 
     @property
     def uses_fba(self) -> bool:
@@ -305,13 +296,6 @@ class BurstDeblurNet(nn.Module):
             with torch.no_grad():
                 self.select_cue.weight.zero_()
                 self.select_cue.bias.zero_()
-        if cfg.refine:  # [pooled features ; output, FBA, mean (; cue)] -> a correction; zero at init
-            c = dec[0]
-            self.refine = nn.Sequential(conv3x3(c + 9 + int(cfg.fba_cue), c), nn.ELU(inplace=True),
-                                        conv3x3(c, c), nn.ELU(inplace=True), nn.Conv2d(c, 3, 3, padding=1))
-            with torch.no_grad():
-                self.refine[-1].weight.zero_()
-                self.refine[-1].bias.zero_()
 
     @property
     def channels_last(self) -> bool:
@@ -387,12 +371,8 @@ class BurstDeblurNet(nn.Module):
             base = (torch.softmax(logits, dim=1) * candidates).sum(dim=1).to(mean.dtype)
         else:
             base = mean
-        out = base + self.head(pooled)[..., :h, :w]
-        if self.cfg.refine:  # images zero-centred like the frames; the cue as the logit sees it
-            planes = [pooled[..., :h, :w], (out - 0.5).to(pooled.dtype), (guide - 0.5).to(pooled.dtype),
-                      (mean - 0.5).to(pooled.dtype)] + ([cue.to(pooled.dtype)] if self.cfg.fba_cue else [])
-            out = out + self.refine(same_format(torch.cat(planes, dim=1), pooled)).to(out.dtype)
-        return out
+        x = self.head(pooled)
+        return base + x[..., :h, :w]
 
 
 def build_model(cfg: ModelConfig) -> BurstDeblurNet:

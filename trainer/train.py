@@ -478,20 +478,18 @@ def initial_weights(cfg: TrainConfig) -> dict | None:
     model = load_model(path)  # CheckpointError (one line) for a file that is not a model
     # the one change a fine-tune may make: a base grows a selecting head (zero logits: the grown
     # model computes exactly what the file's does) or the FBA candidate (nearly: FBA_LOGIT_INIT),
-    # or a "select_fba" base grows the misalignment cue of FBA's logit or the refining net (zero
-    # at init: exactly)
+    # or a "select_fba" base grows the misalignment cue of FBA's logit (zero: exactly)
     grows = (model.cfg.base, cfg.model.base) in GROWS
     cue = cfg.model.fba_cue and not model.cfg.fba_cue
-    refine = cfg.model.refine and not model.cfg.refine
     grown = dataclasses.replace(model.cfg, base=cfg.model.base if grows else model.cfg.base,
-                                fba_cue=model.cfg.fba_cue or cue, refine=model.cfg.refine or refine)
+                                fba_cue=model.cfg.fba_cue or cue)
     if grown != cfg.model:
         raise ConfigError(f"train.init: the [model] of {path} ({to_dict(model.cfg)}) differs from this "
                           f"config's ({to_dict(cfg.model)}); a fine-tune keeps the model it starts from "
                           "(or grows its base: 'mean' into 'select' or 'select_fba', 'select' into 'select_fba'; "
-                          "or adds model.fba_cue or model.refine)")
+                          "or adds model.fba_cue)")
     state = model.state_dict()
-    if grows or cue or refine:
+    if grows or cue:
         with torch.random.fork_rng(devices=[]):
             state = {**build_model(cfg.model).state_dict(), **state}  # the new heads at their init
     return state
