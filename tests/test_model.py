@@ -10,7 +10,7 @@ import torch
 from pipeline.config import ConfigError, load_config
 from trainer.losses import burst_loss
 from trainer.fba import fba
-from trainer.model import BurstDeblurNet, ModelConfig, build_model, frame_max, load
+from trainer.model import BurstDeblurNet, ModelConfig, SetConv, build_model, frame_max, load
 
 SMALL = dict(width=8, mults=[1, 2, 3])  # 3 levels: pads to a multiple of 4
 
@@ -257,6 +257,51 @@ def test_fused_equals_plain_for_the_same_weights(dtype, atol):
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4 if dtype == torch.float32 else 1e-10,
                                atol=1e-6 if dtype == torch.float32 else 1e-12)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_decoder_conv_of_the_upsampling_equals_upsample_cat_conv(channels_last):
+    """forward_up (2x2 phase kernels on the low-res features) against what it replaces, values
+    and gradients, at odd sizes where a phase's border taps matter most."""
+    n, c, cskip = 3, 5, 4
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        conv = SetConv(c + cskip, 6).double()
+        with torch.no_grad():
+            conv.conv.bias.normal_()
+    low = rand_burst((2 * n, c, 5, 7), dtype=torch.float64)
+    skip = rand_burst((2 * n, cskip, 10, 14), seed=1, dtype=torch.float64)
+    if channels_last:
+        low, skip = (t.contiguous(memory_format=torch.channels_last) for t in (low, skip))
+    outs, grads = [], []
+    for fast in (True, False):
+        a, b = low.clone().requires_grad_(), skip.clone().requires_grad_()
+        if fast:
+            y = conv.forward_up(a, b, n)
+        else:
+            y = conv(torch.cat([torch.nn.functional.interpolate(a, scale_factor=2, mode="nearest"), b], dim=1), n)
+        y.square().sum().backward()
+        outs.append(y.detach())
+        grads.append((a.grad, b.grad, conv.conv.parametrizations.weight.original1.grad.clone()))
+        conv.zero_grad()
+    assert outs[0].shape == (2 * n, 6, 10, 14)
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-12)
+    for g_fast, g_ref in zip(*grads):
+        torch.testing.assert_close(g_fast, g_ref, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="does not match"):
+        conv.forward_up(low, skip[:, :, :9], n)
+
+
+def test_inference_and_training_forwards_agree():
+    """Under no_grad the decoders take forward_up, with autograd the plain upsample-and-cat:
+    the same network either way, at a size whose levels are odd after padding."""
+    model = make_model(dtype=torch.float64, width=4, mults=[1, 2, 3, 4])
+    burst = rand_burst((2, 3, 3, 37, 50), dtype=torch.float64)
+    with torch.no_grad():
+        fast = model(burst)
+    plain = model(burst)
+    assert plain.requires_grad and not fast.requires_grad
+    torch.testing.assert_close(fast, plain.detach(), rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

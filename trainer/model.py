@@ -223,6 +223,53 @@ class SetConv(nn.Module):
         m = m.unsqueeze(1).expand(-1, n, -1, -1, -1).flatten(0, 1)  # (B*N, cin, H, W)
         return F.conv2d(same_format(torch.cat([x, m], dim=1), x), w, b, stride, padding)
 
+    def forward_up(self, low: Tensor, skip: Tensor, n: int) -> Tensor:
+        """``forward(cat([upsample(low), skip]), n)``, a decoder's first conv, without building
+        either: (B*N, c, h, w) and (B*N, cin - c, 2h, 2w) -> (B*N, cout, 2h, 2w).
+
+        A 3x3 conv of a nearest-upsampled image is, at each of the four output phases (even/odd
+        row, even/odd column), a 2x2 conv of the low-resolution image whose taps are sums of the
+        3x3 taps (``phase_kernels``): 16 multiply-adds per low-res pixel where the upsampled
+        conv spends 36, and neither the upsampled tensor nor the concatenation is written. The
+        max over frames commutes with the upsampling, so the max half gets the same treatment.
+        Same values as the plain composition up to float rounding (a test).
+        """
+        if not self.fused or self.conv.stride != (1, 1):
+            up = F.interpolate(low, scale_factor=2, mode="nearest")
+            return self.forward(same_format(torch.cat([up, skip], dim=1), skip), n)
+        c, h, w_ = low.shape[1], low.shape[2], low.shape[3]
+        if skip.shape[2:] != (2 * h, 2 * w_) or skip.shape[1] != self.cin - c:
+            raise ValueError(f"skip {tuple(skip.shape)} does not match upsampled {tuple(low.shape)} for {self.cin} channels")
+        w, b = self.conv.weight, self.conv.bias
+        y = F.conv2d(skip, w[:, c : self.cin], b, 1, 1)  # (B*N, cout, 2h, 2w): the skip's own part
+        ym = F.conv2d(frame_max(skip, n), w[:, self.cin + c :], None, 1, 1)  # (B, cout, 2h, 2w)
+        _add_upsampled_conv(y, low, w[:, :c])
+        _add_upsampled_conv(ym, frame_max(low, n), w[:, self.cin : self.cin + c])
+        return y.unflatten(0, (-1, n)).add_(ym.unsqueeze(1)).flatten(0, 1)
+
+
+# Which 3x3 taps fall on which of the two low-res rows (or columns) a 2x2 phase kernel covers,
+# for output rows 2i (covers low rows i-1, i) and 2i+1 (covers i, i+1) of a nearest upsampling.
+_PHASE_TAPS = ((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0))
+
+
+def phase_kernels(w: Tensor) -> Tensor:
+    """3x3 kernels (cout, c, 3, 3) -> the 2x2 kernels (4*cout, c, 2, 2) that give, on the low-res
+    image padded by 1, the conv of its nearest 2x upsampling at phases (0,0), (0,1), (1,0), (1,1)."""
+    r = torch.tensor(_PHASE_TAPS, dtype=w.dtype, device=w.device)  # (phase, 2 low taps, 3 taps)
+    return torch.einsum("api,ocij,bqj->abocpq", r, w, r).flatten(0, 2)
+
+
+def _add_upsampled_conv(out: Tensor, low: Tensor, w: Tensor) -> None:
+    """out (M, cout, 2h, 2w) += conv3x3(nearest_upsample_2x(low), w), zero padding, in place."""
+    cout, h, w_ = w.shape[0], low.shape[2], low.shape[3]
+    z = F.conv2d(low, phase_kernels(w), None, 1, 1)  # (M, 4*cout, h+1, w+1); phase (a, b) at [a:a+h, b:b+w]
+    grid = out.unflatten(3, (w_, 2)).unflatten(2, (h, 2))  # (M, cout, h, 2, w, 2), a view of out
+    for a in range(2):
+        for b in range(2):
+            k = 2 * a + b
+            grid[:, :, :, a, :, b].add_(z[:, k * cout : (k + 1) * cout, a : a + h, b : b + w_])
+
 
 class SetBlock(nn.Module):
     """One block of every frame's track: a set conv, then plain convs, ELU after each conv.
@@ -235,8 +282,21 @@ class SetBlock(nn.Module):
         self.set_conv = SetConv(cin, cout, stride, fused)
         self.convs = nn.ModuleList(conv3x3(cout, cout) for _ in range(convs - 1))
 
-    def forward(self, x: Tensor, n: int) -> Tensor:
-        x = F.elu(self.set_conv(x, n), inplace=True)
+    def forward(self, x: Tensor, n: int, skip: Tensor | None = None) -> Tensor:
+        """skip: a decoder's skip at twice x's resolution; the block then sees cat([upsample(x), skip]).
+
+        Without autograd (deblurring, evaluation) that goes through ``SetConv.forward_up``, the
+        cheaper equal form; training keeps the plain upsample-and-concatenate, so a training
+        run's floats, and with them the shipped model's reproduction, stay what they were.
+        """
+        if skip is None:
+            x = self.set_conv(x, n)
+        elif torch.is_grad_enabled():
+            up = F.interpolate(x, scale_factor=2, mode="nearest")
+            x = self.set_conv(torch.cat([up, skip], dim=1), n)
+        else:
+            x = self.set_conv.forward_up(x, skip, n)
+        x = F.elu(x, inplace=True)
         for conv in self.convs:
             x = F.elu(conv(x), inplace=True)
         return x
@@ -355,8 +415,7 @@ class BurstDeblurNet(nn.Module):
             x = encoder(x, n)
             skips.append(x)
         for decoder, skip in zip(self.decoders, reversed(skips[:-1])):
-            x = F.interpolate(x, scale_factor=2, mode="nearest")
-            x = decoder(torch.cat([x, skip], dim=1), n)
+            x = decoder(x, n, skip)  # on cat([upsample(x), skip])
         pooled = frame_max(x, n)
         if self.cfg.base in ("select", "select_fba"):  # softmax over the frames, in float32 also under autocast
             exact = torch.promote_types(mean.dtype, torch.float32)
