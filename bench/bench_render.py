@@ -12,7 +12,10 @@ straightforward baseline vs this pipeline's sample function on one core, (3) who
 `render_dataset` (local engine, and ray) with 1 and 2 workers, wall clock including pool start
 (which is ~1 s of a 1-worker local run: count it when comparing short runs), (4) the command
 users run, `python -m pipeline render --workers 1` with each engine, timed from the shell's side
-(interpreter start, imports, source scan, pool or Ray start, manifest: everything), for a 1-burst
+(interpreter start, imports, source scan, pool or Ray start, manifest: everything), and with Ray
+once more as a cluster's users run it, joining a running cluster (`--address`; a one-node Ray
+that this script starts before that command line and stops after it, its start not counted:
+a cluster is started once, not per render), for a 1-burst
 run (its fixed cost) and for ``--samples`` bursts, against the straightforward generator run by
 itself in a fresh process before and after, once with the allocator as it comes (what a plain
 script gets) and once tuned.
@@ -88,14 +91,18 @@ def config_toml(samples: int, source: str) -> str:
     return to_toml(bench_tables(samples, source))
 
 
-def time_cli(samples: int, source: str, engine: str, tmp: Path) -> float:
-    """Wall seconds of `python -m pipeline render --workers 1` for ``samples`` bursts (Ray: its
-    start and shutdown included)."""
+# table 4's rows: the engine of the command line, and whether it joins a running cluster
+CLUSTER = "ray+cluster"  # --engine ray --address <a one-node cluster started once by this script>
+
+
+def time_cli(samples: int, source: str, engine: str, tmp: Path, address: str | None = None) -> float:
+    """Wall seconds of `python -m pipeline render --workers 1` for ``samples`` bursts (Ray without
+    ``address``: its own start and shutdown included; with it, joining that running cluster)."""
     config = tmp / f"bench-{samples}.toml"
     config.write_text(config_toml(samples, source))
     out = tmp / f"d{samples}-{time.monotonic_ns()}"  # a fresh folder: a finished one is not re-rendered
     cmd = [sys.executable, "-m", "pipeline", "render", "--config", str(config), "--out", str(out),
-           "--engine", engine, "--workers", "1", "--quiet"]
+           "--engine", engine, "--workers", "1", "--quiet"] + (["--address", address] if address else [])
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, capture_output=True, cwd=Path(__file__).resolve().parent.parent)
     dt = time.perf_counter() - t0
@@ -263,17 +270,38 @@ def main() -> None:
           " with glibc's allocator as it comes and tuned as the render workers tune it;"
           f" {args.rounds} interleaved round(s), the ratios of each round against its own generator")
     engines = args.engines.split(",")
-    rounds = []  # per round: {"straightforward": {mode: bursts/s}, "runs": {engine: seconds}}
+    rows = engines + ([CLUSTER] if "ray" in engines else [])
+    rounds = []  # per round: {"straightforward": {mode: bursts/s}, "runs": {row: seconds}}
+    cluster_starts: list[float] = []
+
+    def cli(samples: int, row: str, tmp: Path) -> float:
+        if row != CLUSTER:
+            return time_cli(samples, args.source, row, tmp)
+        # how a cluster's users run: the cluster is up before the render and stays up after it.
+        # Started just before and stopped just after this one command line, so that its idle
+        # processes run beside nothing else that is timed; its start is not counted.
+        t0 = time.perf_counter()
+        ray = start_ray(1)
+        cluster_starts.append(time.perf_counter() - t0)
+        try:
+            return time_cli(samples, args.source, "ray", tmp, ray.get_runtime_context().gcs_address)
+        finally:
+            stop_ray(ray)
+
     with tempfile.TemporaryDirectory() as tmp:
-        fixed = {engine: min(time_cli(1, args.source, engine, Path(tmp)) for _ in range(2)) for engine in engines}
+        fixed = {row: min(cli(1, row, Path(tmp)) for _ in range(2)) for row in rows}
         gen_before = {mode: plain_alone(args, mode) for mode in ("default", "tuned")}
         for _ in range(args.rounds):
-            whole = {engine: time_cli(args.samples, args.source, engine, Path(tmp)) for engine in engines}
+            whole = {row: cli(args.samples, row, Path(tmp)) for row in rows}
             gen_after = {mode: plain_alone(args, mode) for mode in ("default", "tuned")}
             rounds.append({"straightforward": {m: (gen_before[m] + gen_after[m]) / 2 for m in gen_before},
                            "runs": whole})
             gen_before = gen_after
-    print(f"  {'round':<6}{'engine':<8}{'1 burst s':>10}{f'{args.samples} bursts s':>16}{'bursts/s':>10}"
+    if cluster_starts:
+        print(f"  ({CLUSTER}: --engine ray --address <a one-node Ray of 1 CPU that this script started before"
+              f" each such command line, in {min(cluster_starts):.1f}-{max(cluster_starts):.1f} s, not counted>)")
+        results["cluster_start_s"] = cluster_starts
+    print(f"  {'round':<6}{'engine':<12}{'1 burst s':>10}{f'{args.samples} bursts s':>16}{'bursts/s':>10}"
           f"{'generator':>11}{'vs generator':>14}{'vs tuned one':>14}")
     results["cli"] = {"rounds": [], "fixed_s": fixed}
     for i, rnd in enumerate(rounds, start=1):
@@ -281,13 +309,13 @@ def main() -> None:
         runs = []
         for engine, seconds in rnd["runs"].items():
             r = args.samples / seconds
-            print(f"  {i:<6}{engine:<8}{fixed[engine]:>10.2f}{seconds:>16.2f}{r:>10.1f}{gen['default']:>11.1f}"
+            print(f"  {i:<6}{engine:<12}{fixed[engine]:>10.2f}{seconds:>16.2f}{r:>10.1f}{gen['default']:>11.1f}"
                   f"{r / gen['default']:>13.2f}x{r / gen['tuned']:>13.2f}x")
             runs.append({"engine": engine, "seconds": seconds, "bursts_per_s": r,
                          "vs_straightforward": r / gen["default"], "vs_tuned": r / gen["tuned"]})
         results["cli"]["rounds"].append({"straightforward": gen, "runs": runs})
     results["cli"]["median_vs_straightforward"] = {}
-    for engine in engines:
+    for engine in rows:
         ratios = sorted(run["vs_straightforward"] for rnd in results["cli"]["rounds"] for run in rnd["runs"]
                         if run["engine"] == engine)
         median = float(np.median(ratios))
