@@ -261,7 +261,7 @@ def test_fused_equals_plain_for_the_same_weights(dtype, atol):
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_decoder_conv_of_the_upsampling_equals_upsample_cat_conv(channels_last):
-    """forward_up (2x2 phase kernels on the low-res features) against what it replaces, values
+    """forward_phases (2x2 phase kernels on the low-res features) against what it replaces, values
     and gradients, at odd sizes where a phase's border taps matter most."""
     n, c, cskip = 3, 5, 4
     with torch.random.fork_rng(devices=[]):
@@ -277,7 +277,7 @@ def test_decoder_conv_of_the_upsampling_equals_upsample_cat_conv(channels_last):
     for fast in (True, False):
         a, b = low.clone().requires_grad_(), skip.clone().requires_grad_()
         if fast:
-            y = conv.forward_up(a, b, n)
+            y = conv.forward_phases(a, b, n)
         else:
             y = conv(torch.cat([torch.nn.functional.interpolate(a, scale_factor=2, mode="nearest"), b], dim=1), n)
         y.square().sum().backward()
@@ -289,11 +289,11 @@ def test_decoder_conv_of_the_upsampling_equals_upsample_cat_conv(channels_last):
     for g_fast, g_ref in zip(*grads):
         torch.testing.assert_close(g_fast, g_ref, rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="does not match"):
-        conv.forward_up(low, skip[:, :, :9], n)
+        conv.forward_phases(low, skip[:, :, :9], n)
 
 
 def test_inference_and_training_forwards_agree():
-    """Under no_grad the decoders take forward_up, with autograd the plain upsample-and-cat:
+    """Under no_grad the decoders take forward_phases, with autograd the plain upsample-and-cat:
     the same network either way, at a size whose levels are odd after padding."""
     model = make_model(dtype=torch.float64, width=4, mults=[1, 2, 3, 4])
     burst = rand_burst((2, 3, 3, 37, 50), dtype=torch.float64)

@@ -224,8 +224,19 @@ class SetConv(nn.Module):
         return F.conv2d(same_format(torch.cat([x, m], dim=1), x), w, b, stride, padding)
 
     def forward_up(self, low: Tensor, skip: Tensor, n: int) -> Tensor:
-        """``forward(cat([upsample(low), skip]), n)``, a decoder's first conv, without building
-        either: (B*N, c, h, w) and (B*N, cin - c, 2h, 2w) -> (B*N, cout, 2h, 2w).
+        """``forward(cat([upsample(low), skip]), n)``, a decoder's first conv: (B*N, c, h, w) and
+        (B*N, cin - c, 2h, 2w) -> (B*N, cout, 2h, 2w).
+
+        Without autograd (deblurring, evaluation) by ``forward_phases``, the cheaper equal form;
+        training keeps the plain upsample-and-concatenate, so a training run's floats, and with
+        them the shipped model's reproduction, stay what they were."""
+        if torch.is_grad_enabled() or not self.fused or self.conv.stride != (1, 1):
+            return self.forward(torch.cat([F.interpolate(low, scale_factor=2, mode="nearest"), skip], dim=1), n)
+        return self.forward_phases(low, skip, n)
+
+    def forward_phases(self, low: Tensor, skip: Tensor, n: int) -> Tensor:
+        """``forward_up`` of a fused, stride-1 set conv without building the upsampled tensor or
+        the concatenation.
 
         A 3x3 conv of a nearest-upsampled image is, at each of the four output phases (even/odd
         row, even/odd column), a 2x2 conv of the low-resolution image whose taps are sums of the
@@ -234,9 +245,6 @@ class SetConv(nn.Module):
         max over frames commutes with the upsampling, so the max half gets the same treatment.
         Same values as the plain composition up to float rounding (a test).
         """
-        if not self.fused or self.conv.stride != (1, 1):
-            up = F.interpolate(low, scale_factor=2, mode="nearest")
-            return self.forward(same_format(torch.cat([up, skip], dim=1), skip), n)
         c, h, w_ = low.shape[1], low.shape[2], low.shape[3]
         if skip.shape[2:] != (2 * h, 2 * w_) or skip.shape[1] != self.cin - c:
             raise ValueError(f"skip {tuple(skip.shape)} does not match upsampled {tuple(low.shape)} for {self.cin} channels")
@@ -283,19 +291,9 @@ class SetBlock(nn.Module):
         self.convs = nn.ModuleList(conv3x3(cout, cout) for _ in range(convs - 1))
 
     def forward(self, x: Tensor, n: int, skip: Tensor | None = None) -> Tensor:
-        """skip: a decoder's skip at twice x's resolution; the block then sees cat([upsample(x), skip]).
-
-        Without autograd (deblurring, evaluation) that goes through ``SetConv.forward_up``, the
-        cheaper equal form; training keeps the plain upsample-and-concatenate, so a training
-        run's floats, and with them the shipped model's reproduction, stay what they were.
-        """
-        if skip is None:
-            x = self.set_conv(x, n)
-        elif torch.is_grad_enabled():
-            up = F.interpolate(x, scale_factor=2, mode="nearest")
-            x = self.set_conv(torch.cat([up, skip], dim=1), n)
-        else:
-            x = self.set_conv.forward_up(x, skip, n)
+        """skip: a decoder's skip at twice x's resolution; the block then sees cat([upsample(x), skip])
+        (``SetConv.forward_up``)."""
+        x = self.set_conv(x, n) if skip is None else self.set_conv.forward_up(x, skip, n)
         x = F.elu(x, inplace=True)
         for conv in self.convs:
             x = F.elu(conv(x), inplace=True)
