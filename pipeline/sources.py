@@ -7,7 +7,8 @@ A split's ``source`` string names one of three kinds of sharp image:
 - ``"samples"`` / ``"samples:<set>"``: real photographs bundled inside installed packages
   (scikit-image's data folder, matplotlib's sample data, scikit-learn's sample images), so a
   pipeline runs with no download at all. The photos come in disjoint sets (``SAMPLE_SETS``), so
-  a validation split and a test split never share a photograph; ``"samples"`` is ``"samples:test"``.
+  a validation split and a test split never share a photograph; ``"samples"`` is ``"samples:test"``,
+  and ``"samples:train"`` holds a few more for training.
 - ``"mix:W1*SPEC1|W2*SPEC2|..."``: each canvas drawn from one of the component sources with
   probability proportional to its weight, e.g. ``"mix:0.7*deadleaves|0.3*dir:/data/photos"`` for
   users who bring photographs (the component is drawn from the same generator first).
@@ -64,6 +65,16 @@ SAMPLE_SETS = {
         ("skimage", "data/brick.png"),
         ("skimage", "data/grass.png"),
         ("skimage", "data/gravel.png"),
+    ),
+    # Photographs for training (a "mix:" with dead leaves): camera images of other subjects than
+    # the val and test sets' (coins, the moon, a Hubble field, a retina, two microscope slides).
+    "train": (
+        ("skimage", "data/coins.png"),
+        ("skimage", "data/moon.png"),
+        ("skimage", "data/hubble_deep_field.jpg"),
+        ("skimage", "data/retina.jpg"),
+        ("skimage", "data/ihc.png"),
+        ("skimage", "data/cell.png"),
     ),
 }
 SAMPLE_FILES = SAMPLE_SETS["test"]  # what plain "samples" means

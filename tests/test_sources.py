@@ -481,11 +481,14 @@ def test_deadleaves_smoothing_is_scipys_gaussian_filter(sigma, shape):
 
 
 def test_bundled_photo_sets_are_disjoint_and_named():
-    """The val and test splits of the default dataset draw from disjoint sets of photographs."""
+    """The train, val and test sets of bundled photographs are disjoint."""
     sets = {name: sources.list_source(f"samples:{name}", 210) for name in sources.SAMPLE_SETS}
     names = {name: {os.path.basename(p) for p in src.paths} for name, src in sets.items()}
     assert len(names["val"]) >= 4 and len(names["test"]) >= 4
-    assert not names["val"] & names["test"]
+    assert len(names["train"]) >= 4
+    for a in names:
+        for b in names:
+            assert a == b or not names[a] & names[b], (a, b)
     assert sources.list_source("samples", 210).paths == sets["test"].paths
     with pytest.raises(sources.SourceError, match="unknown bundled photo set 'nope'"):
         sources.list_source("samples:nope", 210)
