@@ -73,10 +73,11 @@ quality: $(STAMP)
 	$(BIN)/python bench/quality.py --checkpoint shipped=models/burst-deblur.pt \
 		$(if $(wildcard $(RUN)/best.pt),--checkpoint make-all=$(RUN)/best.pt) --workers $(WORKERS)
 
-# The shipped model, in four stages (each resumes): train a "mean" base on shards/pretrained,
+# The shipped model, in five stages (each resumes): train a "mean" base on shards/pretrained,
 # grow it into a "select" base and fine-tune on shards/finetune, then grow that into
 # "select_fba" and train only the FBA candidate's logit (same data), then give that logit the
-# misalignment cue and train only the two (same data); export weights + config.
+# misalignment cue and train only the two (same data), then fine-tune every weight on
+# shards/photomix (half bundled training photographs, half dead leaves); export weights + config.
 pretrained: $(STAMP)
 	$(BIN)/python -m pipeline render --config configs/shards/pretrained.toml --out shards/pretrained \
 		--workers $(WORKERS) --engine $(ENGINE)
@@ -90,7 +91,11 @@ pretrained: $(STAMP)
 		--out runs/pretrained-fba $(if $(wildcard runs/pretrained-fba/last.pt),--resume)
 	$(BIN)/python -m trainer train --config configs/train/fba_cue.toml --data shards/finetune \
 		--out runs/pretrained-cue $(if $(wildcard runs/pretrained-cue/last.pt),--resume)
-	$(BIN)/python -m trainer export --checkpoint runs/pretrained-cue/best.pt --out models/burst-deblur.pt
+	$(BIN)/python -m pipeline render --config configs/shards/photomix.toml --out shards/photomix \
+		--workers $(WORKERS) --engine $(ENGINE)
+	$(BIN)/python -m trainer train --config configs/train/photomix.toml --data shards/photomix \
+		--out runs/pretrained-photo $(if $(wildcard runs/pretrained-photo/last.pt),--resume)
+	$(BIN)/python -m trainer export --checkpoint runs/pretrained-photo/best.pt --out models/burst-deblur.pt
 
 # One GPU session inside GPU_BUDGET seconds (bench/gpu_session.py; docs/benchmarks.md, GPU section).
 # GPU_ARGS=--tiny runs it at tiny size on a CPU in about a minute.
